@@ -1,0 +1,323 @@
+"""A reinforcement-learning controller for the learning rate and the batch size.
+
+Pure Python (standard library only): functions take numbers and return numbers, the
+Controller keeps its state in plain attributes with state_dict()/load_state_dict().
+Copy this file into any training loop. Every N optimizer steps the loop evaluates,
+then calls
+
+    decision = ctrl.step({"tokens": tokens_spent, "eval_loss": val_loss, "nonfinite_steps": n_bad})
+
+and applies decision.lr_scale (a multiplier on top of its own lr schedule),
+decision.grad_accum (gradient-accumulation steps, i.e. the batch size),
+decision.save / decision.load (save the weights + optimizer state under a slot name,
+then reload a slot: a rollback) and decision.stop. Call ctrl.start() once before
+training and apply its save.
+
+The loop (state -> action -> reward -> policy update):
+  state   where training stands: eval loss and its trend, progress, current lr scale and batch
+  action  a change of lr and/or batch size (and, in the opening, a trial from an anchor)
+  reward  the eval-loss improvement per token spent, compute_reward(); a non-finite or
+          exploding loss earns -1
+  update  REINFORCE with a baseline: theta += eta * (R - b) * grad log pi(a | s)
+
+Policies: "rl" (learned, below), "seed" (the design's fixed formulas), "plateau"
+(ReduceLROnPlateau), "off".
+"""
+
+import dataclasses
+import math
+import random
+
+POLICIES = ("rl", "seed", "plateau", "off")
+
+# ---------------------------------------------------------------- EDIT HERE: the reward
+MAX_REWARD = 1.0
+
+
+def compute_reward(loss_before, loss_after, tokens, ref_tokens, nonfinite=False):
+    """Cost-aware reward of one decision window.
+
+    loss_before, loss_after: eval loss (nats/token) at the start and end of the window.
+    tokens: training tokens the window spent; ref_tokens: the tokens of a window at the
+    starting batch size, so a window that spent twice the tokens for the same gain earns half.
+    Returns the relative improvement per ref_tokens, clipped to [-MAX_REWARD, MAX_REWARD];
+    -MAX_REWARD if the window saw a non-finite loss/gradient or the loss is not finite.
+    """
+    if nonfinite or not (math.isfinite(loss_before) and math.isfinite(loss_after)) or loss_before <= 0:
+        return -MAX_REWARD
+    rate = (loss_before - loss_after) / loss_before * (ref_tokens / max(tokens, 1))
+    return max(-MAX_REWARD, min(MAX_REWARD, rate))
+
+
+# ---------------------------------------------------------------- the design's update formulas, fixed
+def update_learning_rate(lr, reward, alpha=2.0, lr_min=0.0, lr_max=math.inf):
+    """lr * alpha ** reward, clipped to [lr_min, lr_max].
+
+    The design writes lr * alpha**reward with alpha "usually between 0 and 1" and also says
+    a positive reward should raise the lr: with alpha < 1 a positive reward *lowers* it.
+    We keep the stated intent (reward > 0 raises the lr) and so take alpha > 1
+    (the same as (1/alpha) ** -reward with 1/alpha in (0, 1)). Units: lr in the optimizer's units.
+    """
+    if alpha <= 1:
+        raise ValueError(f"alpha must be > 1 so that a positive reward raises the lr, got {alpha}")
+    return min(lr_max, max(lr_min, lr * alpha ** reward))
+
+
+def update_batch_size(prev, reward, max_reward=MAX_REWARD, multiple=1, lo=1, hi=None):
+    """New batch size (sequences, or accumulation steps with multiple=1) after a reward.
+
+    The design's prev * reward / max_reward is 0 or negative for reward <= 0, can only
+    shrink the batch, and ignores that the batch must be a multiple of
+    micro batch x processes. Fixed: prev * 2 ** (reward / max_reward), a factor in
+    [1/2, 2] that is 1 at reward 0, rounded to the nearest multiple of `multiple`,
+    clamped to [lo, hi], never below `multiple`.
+    """
+    r = max(-max_reward, min(max_reward, reward)) / max_reward
+    new = prev * 2.0**r
+    new = max(multiple, round(new / multiple) * multiple)
+    new = max(new, lo)
+    return min(new, hi) if hi is not None else new
+
+
+def reinforce_update(theta, features, probs, action, advantage, eta):
+    """One REINFORCE step for a linear-softmax policy, in place.
+
+    theta[a][f] are the logits' weights, pi(a|s) = softmax_a(theta[a] . features).
+    grad log pi(action|s) w.r.t. theta[a] = (1[a == action] - pi(a|s)) * features, so
+    theta[a] += eta * advantage * (1[a == action] - probs[a]) * features.
+    (The design's theta_new = theta_old + eta * (pi(theta_new) - pi(theta_old)) has theta_new
+    on both sides; this is the policy-gradient update it stands for.)
+    """
+    for a, row in enumerate(theta):
+        g = (1.0 if a == action else 0.0) - probs[a]
+        for f, x in enumerate(features):
+            row[f] += eta * advantage * g * x
+
+
+def softmax(logits):
+    m = max(logits)
+    e = [math.exp(v - m) for v in logits]
+    s = sum(e)
+    return [v / s for v in e]
+
+
+@dataclasses.dataclass
+class Decision:
+    lr_scale: float  # multiplier on the loop's own lr schedule
+    grad_accum: int  # gradient-accumulation steps from now on
+    action: str = "keep"
+    reward: float = 0.0
+    save: str = ""  # save the current weights + optimizer state under this slot name ("" = no)
+    load: str = ""  # then reload the weights + optimizer state of this slot (a rollback)
+    stop: bool = False  # converged: no new best for `patience` decisions
+    phase: str = ""
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- EDIT HERE: the action sets
+# opening: trials from the anchor, each a multiplier on the incumbent lr
+PROBE_ACTIONS = (1 / 10, 1 / 3.16, 3.16, 10.0)
+# online: (lr factor, accumulation factor)
+ONLINE_ACTIONS = (("keep", 1.0, 1.0), ("lr_down", 0.7, 1.0), ("lr_up", 1.4, 1.0), ("batch_up", 1.0, 2.0), ("batch_down", 1.0, 0.5))
+
+
+class Controller:
+    """Holds the policy and its state. Deterministic for a given seed and sequence of observations.
+
+    policy: one of POLICIES. lr: the loop's base lr; lr_bounds: (min_lr, max_lr) in the same units.
+    grad_accum: starting accumulation; grad_accum_bounds: (lo, hi). patience: stop after this
+    many decisions without a new best eval loss (None: never).
+    """
+
+    def __init__(self, policy, lr, lr_bounds, grad_accum, grad_accum_bounds, seed=0, patience=None,
+                 probe_trials=5, spike=0.25, eta=0.5, margin=0.01):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+        self.policy, self.base_lr, self.patience = policy, lr, patience
+        self.scale_lo, self.scale_hi = lr_bounds[0] / lr, lr_bounds[1] / lr
+        self.ga_lo, self.ga_hi = grad_accum_bounds
+        self.ref_accum = grad_accum
+        self.lr_scale, self.grad_accum = 1.0, grad_accum
+        self.probe_trials, self.spike, self.eta, self.margin = probe_trials, spike, eta, margin
+        self.rng = random.Random(seed)
+        self.decisions = 0
+        self.best, self.since_best = math.inf, 0
+        self.last_loss, self.last_tokens = None, 0
+        self.reward_mean, self.reward_var = 0.0, 1e-4  # running baseline and scale of the reward
+        # rl: opening phase state
+        self.phase = "probe" if policy == "rl" else "online"
+        self.slot_loss = {}  # eval loss of each saved slot
+        self.trials = []  # [(lr_scale, eval_loss)] of the opening trials
+        # policy logits over the probe moves; a prior for going down first: a too-high lr does its damage early
+        self.probe_pref = [0.5 if f < 1 else 0.0 for f in PROBE_ACTIONS]
+        self.last_probe_action = None
+        # rl: online linear-softmax policy; keep starts preferred so exploration is gentle
+        self.theta = [[2.0 if a == 0 else 0.0, 0.0, 0.0, 0.0] for a in range(len(ONLINE_ACTIONS))]
+        self.last = None  # (features, probs, action) awaiting its reward
+        # plateau
+        self.bad_evals = 0
+
+    # ------------------------------------------------------------ the step
+    def step(self, obs):
+        """obs: tokens (training tokens spent so far), eval_loss, and optionally nonfinite_steps
+        (count so far), progress (0..1). Returns a Decision."""
+        loss = float(obs["eval_loss"])
+        tokens = int(obs["tokens"])
+        bad = int(obs.get("nonfinite_steps", 0)) > getattr(self, "_bad_seen", 0)
+        self._bad_seen = int(obs.get("nonfinite_steps", 0))
+        window = tokens - self.last_tokens
+        ref = window * self.ref_accum / self.grad_accum  # a window's tokens at the starting batch
+        reward = 0.0 if self.last_loss is None else compute_reward(self.last_loss, loss, window, ref, bad)
+        self.decisions += 1
+        improved = math.isfinite(loss) and loss < self.best - 1e-4
+        if improved:
+            self.best, self.since_best = loss, 0
+        else:
+            self.since_best += 1
+        d = getattr(self, "_step_" + self.policy)(loss, reward, bad, obs)
+        d.reward = reward
+        d.stop = self.patience is not None and self.since_best >= self.patience
+        self.last_loss, self.last_tokens = loss, tokens
+        if d.save:
+            self.slot_loss[d.save] = loss
+        if d.load:  # the next window starts from the slot's weights
+            self.last_loss = self.slot_loss.get(d.load)
+        return d
+
+    def start(self):
+        """Call once before training; apply the returned save (the rl opening trials start from it)."""
+        return Decision(self.lr_scale, self.grad_accum, action="start", save="init" if self.policy == "rl" else "", phase="start")
+
+    def _step_off(self, loss, reward, bad, obs):
+        return Decision(self.lr_scale, self.grad_accum, phase="off")
+
+    def _step_seed(self, loss, reward, bad, obs):
+        """The design's formulas as written (fixed for sign and range), applied every decision."""
+        self.lr_scale = update_learning_rate(self.lr_scale, reward * 10, 2.0, self.scale_lo, self.scale_hi)
+        self.grad_accum = update_batch_size(self.grad_accum, reward * 10, MAX_REWARD, 1, self.ga_lo, self.ga_hi)
+        return Decision(self.lr_scale, self.grad_accum, action="formula", phase="seed")
+
+    def _step_plateau(self, loss, reward, bad, obs, factor=0.5, patience=2):
+        """ReduceLROnPlateau(mode=min, factor=0.5, patience=2, threshold=1e-3 relative)."""
+        if bad or not math.isfinite(loss) or self.last_loss is None or loss < getattr(self, "_plateau_best", math.inf) * (1 - 1e-3):
+            self._plateau_best = min(loss, getattr(self, "_plateau_best", math.inf)) if math.isfinite(loss) else getattr(self, "_plateau_best", math.inf)
+            self.bad_evals = 0 if not bad else self.bad_evals + 1
+        else:
+            self.bad_evals += 1
+        action = "keep"
+        if self.bad_evals > patience:
+            self.lr_scale = max(self.scale_lo, self.lr_scale * factor)
+            self.bad_evals, action = 0, "lr_down"
+        return Decision(self.lr_scale, self.grad_accum, action=action, phase="plateau")
+
+    # ------------------------------------------------------------ rl
+    def _step_rl(self, loss, reward, bad, obs):
+        if self.phase == "probe":
+            return self._probe(loss, bad)
+        return self._online(loss, reward, bad, obs)
+
+    def _probe(self, loss, bad):
+        """Opening: trials of one interval each, all started from the initial weights (slot
+        "init"), so their eval losses compare like with like. The policy picks the next trial's
+        lr move relative to the incumbent (the best trial so far); a move that beats the
+        incumbent earns +1, else -1, and the move preferences are updated by REINFORCE against
+        the policy's expected value. The best trial's weights are kept (slot "best") and
+        training goes on from them: only the other trials' tokens are lost."""
+        loss = loss if (math.isfinite(loss) and not bad) else math.inf
+        prev_best = min((t[1] for t in self.trials), default=math.inf)
+        self.trials.append((self.lr_scale, loss))
+        new_best = loss < prev_best
+        if self.last_probe_action is not None:  # learn from the move that produced this trial
+            probs = softmax(self.probe_pref)
+            gain = 1.0 if new_best else -1.0
+            for a in range(len(PROBE_ACTIONS)):
+                self.probe_pref[a] += self.eta * 4 * gain * ((1.0 if a == self.last_probe_action else 0.0) - probs[a])
+        best_scale, best_loss = min(self.trials, key=lambda t: t[1])
+        save = "best" if new_best else ""
+        if len(self.trials) >= self.probe_trials or self._probe_done() or not self._probe_moves(best_scale):
+            self.phase = "online"
+            self.lr_scale, self.best, self.since_best = best_scale, best_loss, 0
+            return Decision(self.lr_scale, self.grad_accum, action="commit", save=save, load="" if new_best else "best", phase="probe")
+        moves = self._probe_moves(best_scale)
+        probs = softmax([self.probe_pref[a] for a in moves])
+        a = moves[self._sample(probs)]
+        self.last_probe_action = a
+        self.lr_scale = self._clip(best_scale * PROBE_ACTIONS[a])
+        return Decision(self.lr_scale, self.grad_accum, action=f"trial_x{PROBE_ACTIONS[a]:.3g}", save=save, load="init", phase="probe")
+
+    def _probe_moves(self, best_scale):
+        """Indices of the probe moves that lead to an lr not tried yet (within the bounds)."""
+        tried = {round(math.log10(s), 2) for s, _ in self.trials}
+        return [a for a, f in enumerate(PROBE_ACTIONS) if round(math.log10(self._clip(best_scale * f)), 2) not in tried]
+
+    def _sample(self, probs):
+        u, acc = self.rng.random(), 0.0
+        for i, p in enumerate(probs):
+            acc += p
+            if u <= acc:
+                return i
+        return len(probs) - 1
+
+    def _probe_done(self):
+        """Stop early once the best trial has worse trials on both sides (it is bracketed)."""
+        best_scale, best_loss = min(self.trials, key=lambda t: t[1])
+        worse = best_loss * (1 + self.margin)  # a trial within the margin is a tie, not a bracket
+        lower = any(s < best_scale and v > worse for s, v in self.trials)
+        higher = any(s > best_scale and v > worse for s, v in self.trials)
+        return lower and higher
+
+    def _changes(self, lr_f, ga_f):
+        """Whether an online action would change anything within the bounds."""
+        ga = min(self.ga_hi, max(self.ga_lo, round(self.grad_accum * ga_f)))
+        return ga != self.grad_accum or self._clip(self.lr_scale * lr_f) != self.lr_scale
+
+    def _clip(self, scale):
+        return min(self.scale_hi, max(self.scale_lo, scale))
+
+    def features(self, loss, obs):
+        progress = float(obs.get("progress", 0.0))
+        trend = 0.0 if self.last_loss is None or not math.isfinite(loss) else max(-1.0, min(1.0, (self.last_loss - loss) / max(self.last_loss, 1e-9) * 20))
+        return [1.0, progress, trend, math.log2(self.grad_accum / self.ref_accum)]
+
+    def _online(self, loss, reward, bad, obs):
+        """After the opening: the linear-softmax policy over ONLINE_ACTIONS, updated every decision by
+        REINFORCE with a running-mean baseline on the normalised reward. A non-finite step or an eval
+        loss above best * (1 + spike) rolls back to the last anchor and halves the lr."""
+        if self.last is not None:
+            feats, probs, a = self.last
+            adv = (reward - self.reward_mean) / math.sqrt(self.reward_var)
+            adv = max(-3.0, min(3.0, adv))
+            reinforce_update(self.theta, feats, probs, a, adv, self.eta)
+            self.reward_mean += 0.2 * (reward - self.reward_mean)
+            self.reward_var += 0.2 * ((reward - self.reward_mean) ** 2 - self.reward_var)
+            self.reward_var = max(self.reward_var, 1e-8)
+            self.last = None
+        if bad or not math.isfinite(loss) or loss > self.best * (1 + self.spike):
+            self.lr_scale = self._clip(self.lr_scale * 0.5)
+            return Decision(self.lr_scale, self.grad_accum, action="rollback", load="best", phase="online")
+        feats = self.features(loss, obs)
+        allowed = [a for a, (_, lr_f, ga_f) in enumerate(ONLINE_ACTIONS) if a == 0 or self._changes(lr_f, ga_f)]
+        probs_allowed = softmax([sum(w * x for w, x in zip(self.theta[a], feats)) for a in allowed])
+        a = allowed[self._sample(probs_allowed)]
+        probs = [0.0] * len(ONLINE_ACTIONS)
+        for i, p in zip(allowed, probs_allowed):
+            probs[i] = p
+        name, lr_f, ga_f = ONLINE_ACTIONS[a]
+        self.lr_scale = self._clip(self.lr_scale * lr_f)
+        self.grad_accum = min(self.ga_hi, max(self.ga_lo, round(self.grad_accum * ga_f)))
+        self.last = (feats, probs, a)
+        return Decision(self.lr_scale, self.grad_accum, action=name, save="best" if self.since_best == 0 else "", phase="online")
+
+    # ------------------------------------------------------------ checkpointing
+    def state_dict(self):
+        d = {k: v for k, v in vars(self).items() if k != "rng"}
+        d["rng"] = self.rng.getstate()
+        return d
+
+    def load_state_dict(self, d):
+        d = dict(d)
+        rng = d.pop("rng")
+        vars(self).update(d)
+        self.rng.setstate(tuple(rng[:1]) + (tuple(rng[1]),) + tuple(rng[2:]) if isinstance(rng, list) else rng)
