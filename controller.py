@@ -32,6 +32,7 @@ POLICIES = ("rl", "seed", "plateau", "off")
 
 # ---------------------------------------------------------------- EDIT HERE: the reward
 MAX_REWARD = 1.0
+SEED_GAIN = 10.0  # the "seed" policy feeds reward * SEED_GAIN to the formulas: a window's relative gain is ~0.001-0.1
 
 
 def compute_reward(loss_before, loss_after, tokens, ref_tokens, nonfinite=False):
@@ -118,7 +119,7 @@ class Decision:
 
 # ---------------------------------------------------------------- EDIT HERE: the action sets
 # opening: trials from the anchor, each a multiplier on the incumbent lr
-PROBE_ACTIONS = (1 / 10, 1 / 3.16, 3.16, 10.0)
+PROBE_ACTIONS = (0.1, 10**-0.5, 10**0.5, 10.0)  # half and whole decades
 # online: (lr factor, accumulation factor)
 ONLINE_ACTIONS = (("keep", 1.0, 1.0), ("lr_down", 0.7, 1.0), ("lr_up", 1.4, 1.0), ("batch_up", 1.0, 2.0), ("batch_down", 1.0, 0.5))
 
@@ -132,7 +133,7 @@ class Controller:
     """
 
     def __init__(self, policy, lr, lr_bounds, grad_accum, grad_accum_bounds, seed=0, patience=None,
-                 probe_trials=5, spike=0.25, eta=0.5, margin=0.01):
+                 probe_trials=5, probe_frac=0.2, spike=0.25, eta=0.5, margin=0.01):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.policy, self.base_lr, self.patience = policy, lr, patience
@@ -140,14 +141,14 @@ class Controller:
         self.ga_lo, self.ga_hi = grad_accum_bounds
         self.ref_accum = grad_accum
         self.lr_scale, self.grad_accum = 1.0, grad_accum
-        self.probe_trials, self.spike, self.eta, self.margin = probe_trials, spike, eta, margin
+        self.probe_trials, self.probe_frac, self.spike, self.eta, self.margin = probe_trials, probe_frac, spike, eta, margin
         self.rng = random.Random(seed)
         self.decisions = 0
         self.best, self.since_best = math.inf, 0
         self.last_loss, self.last_tokens = None, 0
         self.reward_mean, self.reward_var = 0.0, 1e-4  # running baseline and scale of the reward
         # rl: opening phase state
-        self.phase = "probe" if policy == "rl" else "online"
+        self.phase = "probe" if policy == "rl" and probe_trials > 0 else "online"
         self.slot_loss = {}  # eval loss of each saved slot
         self.trials = []  # [(lr_scale, eval_loss)] of the opening trials
         # policy logits over the probe moves; a prior for going down first: a too-high lr does its damage early
@@ -157,7 +158,7 @@ class Controller:
         self.theta = [[2.0 if a == 0 else 0.0, 0.0, 0.0, 0.0] for a in range(len(ONLINE_ACTIONS))]
         self.last = None  # (features, probs, action) awaiting its reward
         # plateau
-        self.bad_evals = 0
+        self.plateau_best, self.bad_evals = math.inf, 0
 
     # ------------------------------------------------------------ the step
     def step(self, obs):
@@ -188,22 +189,22 @@ class Controller:
 
     def start(self):
         """Call once before training; apply the returned save (the rl opening trials start from it)."""
-        return Decision(self.lr_scale, self.grad_accum, action="start", save="init" if self.policy == "rl" else "", phase="start")
+        return Decision(self.lr_scale, self.grad_accum, action="start", save="init" if self.phase == "probe" else "", phase="start")
 
     def _step_off(self, loss, reward, bad, obs):
         return Decision(self.lr_scale, self.grad_accum, phase="off")
 
     def _step_seed(self, loss, reward, bad, obs):
         """The design's formulas as written (fixed for sign and range), applied every decision."""
-        self.lr_scale = update_learning_rate(self.lr_scale, reward * 10, 2.0, self.scale_lo, self.scale_hi)
-        self.grad_accum = update_batch_size(self.grad_accum, reward * 10, MAX_REWARD, 1, self.ga_lo, self.ga_hi)
+        self.lr_scale = update_learning_rate(self.lr_scale, reward * SEED_GAIN, 2.0, self.scale_lo, self.scale_hi)
+        self.grad_accum = update_batch_size(self.grad_accum, reward * SEED_GAIN, MAX_REWARD, 1, self.ga_lo, self.ga_hi)
         return Decision(self.lr_scale, self.grad_accum, action="formula", phase="seed")
 
-    def _step_plateau(self, loss, reward, bad, obs, factor=0.5, patience=2):
-        """ReduceLROnPlateau(mode=min, factor=0.5, patience=2, threshold=1e-3 relative)."""
-        if bad or not math.isfinite(loss) or self.last_loss is None or loss < getattr(self, "_plateau_best", math.inf) * (1 - 1e-3):
-            self._plateau_best = min(loss, getattr(self, "_plateau_best", math.inf)) if math.isfinite(loss) else getattr(self, "_plateau_best", math.inf)
-            self.bad_evals = 0 if not bad else self.bad_evals + 1
+    def _step_plateau(self, loss, reward, bad, obs, factor=0.5, patience=2, threshold=1e-3):
+        """torch's ReduceLROnPlateau(mode="min", factor=0.5, patience=2, threshold=1e-3 relative), one
+        call per decision on every rank (no per-process stepping trap)."""
+        if math.isfinite(loss) and not bad and loss < self.plateau_best * (1 - threshold):
+            self.plateau_best, self.bad_evals = loss, 0
         else:
             self.bad_evals += 1
         action = "keep"
@@ -215,10 +216,10 @@ class Controller:
     # ------------------------------------------------------------ rl
     def _step_rl(self, loss, reward, bad, obs):
         if self.phase == "probe":
-            return self._probe(loss, bad)
+            return self._probe(loss, bad, obs)
         return self._online(loss, reward, bad, obs)
 
-    def _probe(self, loss, bad):
+    def _probe(self, loss, bad, obs):
         """Opening: trials of one interval each, all started from the initial weights (slot
         "init"), so their eval losses compare like with like. The policy picks the next trial's
         lr move relative to the incumbent (the best trial so far); a move that beats the
@@ -236,7 +237,9 @@ class Controller:
                 self.probe_pref[a] += self.eta * 4 * gain * ((1.0 if a == self.last_probe_action else 0.0) - probs[a])
         best_scale, best_loss = min(self.trials, key=lambda t: t[1])
         save = "best" if new_best else ""
-        if len(self.trials) >= self.probe_trials or self._probe_done() or not self._probe_moves(best_scale):
+        progress = float(obs.get("progress", 0.0))
+        no_room = progress + progress / self.decisions > self.probe_frac  # another trial would pass the opening's share
+        if len(self.trials) >= self.probe_trials or no_room or self._probe_done() or not self._probe_moves(best_scale):
             self.phase = "online"
             self.lr_scale, self.best, self.since_best = best_scale, best_loss, 0
             return Decision(self.lr_scale, self.grad_accum, action="commit", save=save, load="" if new_best else "best", phase="probe")

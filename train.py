@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import shutil
+import socket
 import sys
 import time
 from importlib.resources import files
@@ -210,7 +211,7 @@ def build_datasets(args, tokenizer, accelerator):
         return tokenizer([t for t in batch[col] if t])
 
     def group(batch):
-        ids = sum(batch["input_ids"], [])
+        ids = [t for seq in batch["input_ids"] for t in seq]
         n = len(ids) // bs * bs
         blocks = [ids[i : i + bs] for i in range(0, n, bs)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
@@ -287,8 +288,9 @@ def find_checkpoint(path, output_dir):
     return path
 
 
-def save_checkpoint(accelerator, path, train_state, save_total_limit):
-    """Atomic: written to path.tmp, renamed when every rank is done, so a kill never leaves a half checkpoint."""
+def save_checkpoint(accelerator, path, train_state, save_total_limit, slot_dir):
+    """Atomic: written to path.tmp, renamed when every rank is done, so a kill never leaves a half checkpoint.
+    The controller's rollback slots are copied in, so a resume rolls back to the same weights."""
     tmp = path + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -296,6 +298,8 @@ def save_checkpoint(accelerator, path, train_state, save_total_limit):
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if os.path.isdir(slot_dir):
+            shutil.copytree(slot_dir, os.path.join(tmp, "controller_slots"))
         with open(os.path.join(tmp, "train_state.json"), "w") as f:  # written last: marks the checkpoint complete
             json.dump(train_state.state_dict(), f)
         if os.path.exists(path):
@@ -335,7 +339,11 @@ def main(argv=None):
     args = parse_args(argv)
     ds_config = check_args(args)
     # DeepSpeed needs these outside a distributed launcher (else it tries MPI discovery)
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29511").items():
+    if "MASTER_PORT" not in os.environ:  # a free port, so single-process runs can share a machine
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
 
     from accelerate import Accelerator, DeepSpeedPlugin
@@ -440,7 +448,7 @@ def main(argv=None):
         """Mean next-token loss and accuracy on the first max_eval_batches validation batches of every process."""
         model.eval()
         if args.optimizer == "schedulefree":
-            optimizer.optimizer.eval() if hasattr(optimizer.optimizer, "eval") else None
+            optimizer.optimizer.eval()
         tot = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
         with torch.no_grad():
             for i, batch in enumerate(eval_dl):
@@ -481,6 +489,11 @@ def main(argv=None):
     model.train()
     if not args.resume_from_checkpoint:
         apply_slots(controller.start())
+    elif accelerator.is_main_process:  # the rollback slots as they were at the checkpoint
+        shutil.rmtree(slot_dir, ignore_errors=True)
+        if os.path.isdir(os.path.join(args.resume_from_checkpoint, "controller_slots")):
+            shutil.copytree(os.path.join(args.resume_from_checkpoint, "controller_slots"), slot_dir)
+    accelerator.wait_for_everyone()
     accelerator.step = 0
     data = batches()
     window_loss = torch.zeros((), device=accelerator.device)
@@ -568,7 +581,7 @@ def main(argv=None):
                               f"ppl {row['perplexity']:.2f} acc {accuracy:.4f} lr {lr:.3e} batch {row['effective_batch_size']}")
             state.best_eval = min(state.best_eval, eval_loss)
         if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
-            save_checkpoint(accelerator, os.path.join(args.output_dir, f"step_{state.step}"), state, args.save_total_limit)
+            save_checkpoint(accelerator, os.path.join(args.output_dir, f"step_{state.step}"), state, args.save_total_limit, slot_dir)
         if done:
             break
         t_step = time.time()
@@ -595,7 +608,9 @@ def main(argv=None):
         plot_run(args.output_dir)
         if args.sample_tokens:
             from transformers import AutoModelForCausalLM
+            from transformers.integrations import unset_hf_deepspeed_config
 
+            unset_hf_deepspeed_config()  # a plain reload on this process alone, not a ZeRO-3 partitioned one
             reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
             prompt = tokenizer("ROMEO:", return_tensors="pt").input_ids[:, :-1] if not args.model_name_or_path else tokenizer("The", return_tensors="pt").input_ids
             torch.manual_seed(args.seed)
@@ -612,7 +627,8 @@ def plot_run(output_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(os.path.join(output_dir, "metrics.jsonl"))]
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     x = [r["tokens_seen"] for r in rows]
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.5))
     ax[0].plot(x, [r["eval_loss"] for r in rows], marker=".")
