@@ -80,6 +80,26 @@ def update_batch_size(prev, reward, max_reward=MAX_REWARD, multiple=1, lo=1, hi=
     return min(new, hi) if hi is not None else new
 
 
+def lr_range_suggestion(lrs, losses, beta=0.7):
+    """The lr an lr range test suggests (fastai's / Lightning's lr_find, "steepest" rule).
+
+    lrs: increasing learning rates of the test's steps; losses: their training losses.
+    The losses are smoothed (exponential moving average, bias-corrected); past the minimum
+    of the smoothed loss the test diverges, so the lr of the steepest descent of the
+    smoothed loss against log(lr) before that minimum is returned.
+    """
+    smooth, avg = [], 0.0
+    for i, v in enumerate(losses):
+        v = v if math.isfinite(v) else math.inf
+        avg = beta * avg + (1 - beta) * v
+        smooth.append(avg / (1 - beta ** (i + 1)))
+    best = min(range(len(smooth)), key=lambda i: smooth[i])
+    if best == 0:
+        return lrs[0]
+    slopes = [(smooth[i + 1] - smooth[i]) / math.log(lrs[i + 1] / lrs[i]) for i in range(best)]
+    return lrs[min(range(len(slopes)), key=lambda i: slopes[i])]
+
+
 def reinforce_update(theta, features, probs, action, advantage, eta):
     """One REINFORCE step for a linear-softmax policy, in place.
 

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     a("--num_warmup_steps", type=int, default=10, help="Warmup length, in optimizer steps of the starting batch size.")
     a("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is not given.")
     a("--max_train_steps", type=int, default=400, help="Budget in optimizer steps at the starting batch size; the run stops after that many tokens.")
+    a("--lr_find_steps", type=int, default=0, help="Run an lr range test first (fastai/Lightning lr_find): this many steps from --min_lr to --max_lr, then restart from the initial weights at the suggested lr. Its tokens count in the budget. 0: off.")
+    a("--cpu_threads", type=int, default=0, help="Torch threads per process on CPU (0: the machine's cores / local processes; accelerate launch would otherwise set 1).")
     a("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="Default: bf16 on a GPU that supports it, else no.")
     a("--deepspeed_config", default="ds_config.json", help="DeepSpeed JSON; values set to 'auto' are filled from these flags.")
     a("--zero_stage", type=int, default=None, choices=[0, 1, 2, 3], help="Override zero_optimization.stage of the DeepSpeed JSON.")
@@ -156,6 +158,10 @@ def check_args(args):
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping"):
         if ds.get(key, "auto") != "auto":
             fail(f"--deepspeed_config {args.deepspeed_config!r}: '{key}' must be \"auto\" (set it with train.py's flags)")
+    if args.optimizer == "schedulefree" and (args.zero_stage if args.zero_stage is not None else ds.get("zero_optimization", {}).get("stage", 0)) != 0:
+        fail("--optimizer schedulefree needs --zero_stage 0: ZeRO partitions hide the averaged weights it swaps in for evaluation")
+    if args.lr_find_steps < 0 or args.lr_find_steps == 1:
+        fail(f"--lr_find_steps must be 0 (off) or at least 2, got {args.lr_find_steps}")
     # the output directory and the checkpoint to resume from
     out = args.output_dir
     previous = os.path.isdir(out) and any(n in ("results.json", "metrics.jsonl") or n.startswith("step_") for n in os.listdir(out))
@@ -351,6 +357,9 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     cuda = torch.cuda.is_available()
+    if not cuda:  # launchers set OMP_NUM_THREADS=1; on CPU use the cores, split between local processes
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(args.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
     if args.zero_stage is not None:
@@ -447,7 +456,7 @@ def main(argv=None):
     def evaluate():
         """Mean next-token loss and accuracy on the first max_eval_batches validation batches of every process."""
         model.eval()
-        if args.optimizer == "schedulefree":
+        if args.optimizer == "schedulefree":  # evaluate at its averaged weights
             optimizer.optimizer.eval()
         tot = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
         with torch.no_grad():
@@ -461,6 +470,8 @@ def main(argv=None):
                 tot += torch.stack([loss.double(), correct.double(), torch.tensor(labels.numel(), dtype=torch.float64, device=tot.device)])
         tot = accelerator.reduce(tot, reduction="sum")
         model.train()
+        if args.optimizer == "schedulefree":
+            optimizer.optimizer.train()
         return (tot[0] / tot[2]).item(), (tot[1] / tot[2]).item()
 
     def peak_memory_mb():
@@ -487,8 +498,13 @@ def main(argv=None):
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
 
     model.train()
+    if args.optimizer == "schedulefree":
+        optimizer.optimizer.train()
     if not args.resume_from_checkpoint:
-        apply_slots(controller.start())
+        first = controller.start()
+        if args.lr_find_steps and not first.save:
+            first.save = "init"
+        apply_slots(first)
     elif accelerator.is_main_process:  # the rollback slots as they were at the checkpoint
         shutil.rmtree(slot_dir, ignore_errors=True)
         if os.path.isdir(os.path.join(args.resume_from_checkpoint, "controller_slots")):
@@ -496,6 +512,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.step = 0
     data = batches()
+    lr_find, lr_find_end = [], (args.lr_find_steps if not args.resume_from_checkpoint else 0)
     window_loss = torch.zeros((), device=accelerator.device)
     window_micro = 0
     interval_loss, interval_steps = torch.zeros((), device=accelerator.device), 0
@@ -508,6 +525,8 @@ def main(argv=None):
         if window_micro == 0:  # lr for this optimizer step: schedule x the controller's multiplier
             wasted = state.tokens_spent - state.model_tokens
             lr = args.learning_rate * schedule(args.lr_scheduler_type, state.model_tokens, warmup_tokens, budget - wasted) * controller.lr_scale
+            if state.step < lr_find_end:  # lr range test: exponential sweep from min_lr to max_lr
+                lr = args.min_lr * (args.max_lr / args.min_lr) ** (state.step / (args.lr_find_steps - 1))
             for g in optimizer.param_groups:
                 g["lr"] = lr
         with accelerator.accumulate(model):
@@ -536,6 +555,13 @@ def main(argv=None):
             interval_steps += 1
         window_loss.zero_()
         window_micro = 0
+        if state.step <= lr_find_end:
+            lr_find.append((lr, accelerator.reduce(step_loss, reduction="mean").item()))
+            if state.step == lr_find_end:  # pick, then restart from the initial weights at that lr
+                args.learning_rate = ctl.lr_range_suggestion(*zip(*lr_find))
+                accelerator.print(f"[lr_find] {len(lr_find)} steps from {args.min_lr:.2e} to {args.max_lr:.2e}: suggested lr {args.learning_rate:.3e}")
+                apply_slots(ctl.Decision(1.0, gas, load="init"))
+                skipped_before = model.skipped_steps
         dt = time.time() - t_step
         state.train_time += dt
         bar.update(step_tokens)
