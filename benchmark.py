@@ -203,7 +203,7 @@ def overhead(args):
     os.makedirs(args.output_dir, exist_ok=True)
     walls = {}
     for pol in ("off", "rl", "off", "rl"):  # interleaved, so drift in machine load hits both
-        res, _, w = run(args, f"overhead_{pol}_{len(walls.get(pol, []))}", ["--controller", pol, "--seed", "0"])
+        res, _, _ = run(args, f"overhead_{pol}_{len(walls.get(pol, []))}", ["--controller", pol, "--seed", "0"])
         walls.setdefault(pol, []).append(res["wall_s"])
     ratio = statistics.mean(walls["rl"]) / statistics.mean(walls["off"])
     print(f"wall time rl / off, same steps: {ratio:.3f} (rl {walls['rl']}, off {walls['off']})")

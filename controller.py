@@ -164,6 +164,7 @@ class Controller:
         self.probe_trials, self.probe_frac, self.spike, self.eta, self.margin = probe_trials, probe_frac, spike, eta, margin
         self.rng = random.Random(seed)
         self.decisions = 0
+        self.bad_seen = 0  # non-finite steps already accounted for
         self.best, self.since_best = math.inf, 0
         self.last_loss, self.last_tokens = None, 0
         self.reward_mean, self.reward_var = 0.0, 1e-4  # running baseline and scale of the reward
@@ -183,21 +184,34 @@ class Controller:
     # ------------------------------------------------------------ the step
     def step(self, obs):
         """obs: tokens (training tokens spent so far), eval_loss, and optionally nonfinite_steps
-        (count so far), progress (0..1). Returns a Decision."""
+        (count so far) and progress (0..1). Returns a Decision.
+
+        Safety for every policy but "off", once past the opening: a non-finite step in the window,
+        a non-finite eval loss or one above best * (1 + spike) rolls back to the best weights
+        (slot "best", saved at each new best eval loss) and halves the lr."""
         loss = float(obs["eval_loss"])
         tokens = int(obs["tokens"])
-        bad = int(obs.get("nonfinite_steps", 0)) > getattr(self, "_bad_seen", 0)
-        self._bad_seen = int(obs.get("nonfinite_steps", 0))
+        bad = int(obs.get("nonfinite_steps", 0)) > self.bad_seen
+        self.bad_seen = int(obs.get("nonfinite_steps", 0))
         window = tokens - self.last_tokens
         ref = window * self.ref_accum / self.grad_accum  # a window's tokens at the starting batch
         reward = 0.0 if self.last_loss is None else compute_reward(self.last_loss, loss, window, ref, bad)
         self.decisions += 1
-        improved = math.isfinite(loss) and loss < self.best - 1e-4
-        if improved:
+        fault = bad or not math.isfinite(loss) or loss > self.best * (1 + self.spike)
+        if math.isfinite(loss) and not bad and loss < self.best - 1e-4:
             self.best, self.since_best = loss, 0
         else:
             self.since_best += 1
-        d = getattr(self, "_step_" + self.policy)(loss, reward, bad, obs)
+        online = self.policy != "off" and self.phase == "online"
+        if online and self.policy == "rl":
+            self._learn(reward)
+        if online and fault:
+            self.lr_scale = self._clip(self.lr_scale * 0.5)
+            d = Decision(self.lr_scale, self.grad_accum, action="rollback", load="best" if "best" in self.slot_loss else "", phase="safety")
+        else:
+            d = getattr(self, "_step_" + self.policy)(loss, reward, bad, obs)
+            if online and self.since_best == 0 and not d.load:
+                d.save = "best"
         d.reward = reward
         d.stop = self.patience is not None and self.since_best >= self.patience
         self.last_loss, self.last_tokens = loss, tokens
@@ -304,22 +318,21 @@ class Controller:
         trend = 0.0 if self.last_loss is None or not math.isfinite(loss) else max(-1.0, min(1.0, (self.last_loss - loss) / max(self.last_loss, 1e-9) * 20))
         return [1.0, progress, trend, math.log2(self.grad_accum / self.ref_accum)]
 
+    def _learn(self, reward):
+        """REINFORCE with a baseline for the last online action: the advantage is the reward minus a
+        running mean, over a running standard deviation (rewards shrink as training converges)."""
+        if self.last is None:
+            return
+        feats, probs, a = self.last
+        adv = max(-3.0, min(3.0, (reward - self.reward_mean) / math.sqrt(self.reward_var)))
+        reinforce_update(self.theta, feats, probs, a, adv, self.eta)
+        self.reward_mean += 0.2 * (reward - self.reward_mean)
+        self.reward_var = max(1e-8, self.reward_var + 0.2 * ((reward - self.reward_mean) ** 2 - self.reward_var))
+        self.last = None
+
     def _online(self, loss, reward, bad, obs):
-        """After the opening: the linear-softmax policy over ONLINE_ACTIONS, updated every decision by
-        REINFORCE with a running-mean baseline on the normalised reward. A non-finite step or an eval
-        loss above best * (1 + spike) rolls back to the last anchor and halves the lr."""
-        if self.last is not None:
-            feats, probs, a = self.last
-            adv = (reward - self.reward_mean) / math.sqrt(self.reward_var)
-            adv = max(-3.0, min(3.0, adv))
-            reinforce_update(self.theta, feats, probs, a, adv, self.eta)
-            self.reward_mean += 0.2 * (reward - self.reward_mean)
-            self.reward_var += 0.2 * ((reward - self.reward_mean) ** 2 - self.reward_var)
-            self.reward_var = max(self.reward_var, 1e-8)
-            self.last = None
-        if bad or not math.isfinite(loss) or loss > self.best * (1 + self.spike):
-            self.lr_scale = self._clip(self.lr_scale * 0.5)
-            return Decision(self.lr_scale, self.grad_accum, action="rollback", load="best", phase="online")
+        """After the opening: sample from the linear-softmax policy over ONLINE_ACTIONS (the actions
+        that would change nothing within the bounds are left out)."""
         feats = self.features(loss, obs)
         allowed = [a for a, (_, lr_f, ga_f) in enumerate(ONLINE_ACTIONS) if a == 0 or self._changes(lr_f, ga_f)]
         probs_allowed = softmax([sum(w * x for w, x in zip(self.theta[a], feats)) for a in allowed])
@@ -331,7 +344,7 @@ class Controller:
         self.lr_scale = self._clip(self.lr_scale * lr_f)
         self.grad_accum = min(self.ga_hi, max(self.ga_lo, round(self.grad_accum * ga_f)))
         self.last = (feats, probs, a)
-        return Decision(self.lr_scale, self.grad_accum, action=name, save="best" if self.since_best == 0 else "", phase="online")
+        return Decision(self.lr_scale, self.grad_accum, action=name, phase="online")
 
     # ------------------------------------------------------------ checkpointing
     def state_dict(self):

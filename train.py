@@ -81,11 +81,13 @@ def parse_args(argv=None):
     a("--controller", default="rl", choices=list(ctl.POLICIES), help="Hyperparameter policy: rl (learned), seed (fixed formulas), plateau (ReduceLROnPlateau-like), off.")
     a("--controller_interval", type=int, default=20, help="Optimizer steps between two controller decisions.")
     a("--controller_seed", type=int, default=0, help="Seed of the controller's exploration.")
+    a("--max_nonfinite_steps", type=int, default=3, help="After this many consecutive non-finite steps, roll back now (or stop, with --controller off).")
     a("--controller_patience", type=int, default=None, help="Stop early after this many decisions without a new best eval loss (default: never).")
     a("--min_lr", type=float, default=None, help="Lowest lr the controller may set (default: learning_rate/100).")
     a("--max_lr", type=float, default=None, help="Highest lr the controller may set (default: learning_rate*100).")
     a("--min_gradient_accumulation_steps", type=int, default=None, help="Lowest accumulation the controller may set (default: the starting one).")
     a("--max_gradient_accumulation_steps", type=int, default=None, help="Highest accumulation the controller may set (default: 4x the starting one).")
+    p.error = fail  # one line, not the usage block
     args = p.parse_args(argv)
 
     # derived values, right after parsing
@@ -107,7 +109,7 @@ def fail(msg):
 def check_args(args):
     """Reject bad input before any heavy work. Returns the loaded DeepSpeed config."""
     positive = ["block_size", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_train_steps", "num_train_epochs", "eval_steps", "max_eval_batches", "controller_interval"]
+                "max_train_steps", "num_train_epochs", "eval_steps", "max_eval_batches", "controller_interval", "max_nonfinite_steps"]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
@@ -169,7 +171,20 @@ def check_args(args):
         fail(f"--output_dir {out!r} holds a previous run: pass --overwrite_output_dir or --resume_from_checkpoint latest")
     if args.resume_from_checkpoint:
         args.resume_from_checkpoint = find_checkpoint(args.resume_from_checkpoint, out)
+        with open(os.path.join(args.resume_from_checkpoint, "train_state.json")) as f:
+            saved = json.load(f).get("signature", {})
+        diff = sorted(k for k, v in run_signature(args).items() if saved.get(k) != v)
+        if diff:
+            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is from an incompatible run: "
+                 + ", ".join(f"{k} was {saved.get(k)!r}, now {run_signature(args)[k]!r}" for k in diff))
     return ds
+
+
+def run_signature(args):
+    """What a checkpoint must share with the run that resumes it."""
+    keys = ["model_name_or_path", "config_name", "config_overrides", "block_size", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "max_train_steps", "num_train_epochs", "optimizer", "controller"]
+    return {k: getattr(args, k) for k in keys} | {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
 # ----------------------------------------------------------------------------- data
@@ -283,11 +298,12 @@ def schedule(kind, tokens, warmup_tokens, total_tokens):
 
 # ----------------------------------------------------------------------------- checkpoints
 def find_checkpoint(path, output_dir):
-    """Resolve 'latest' or a step_N path; fail in one line when there is none."""
+    """Resolve 'latest' (the newest complete step_N) or a step_N path; fail in one line when there is none."""
     if path == "latest":
-        steps = [n for n in os.listdir(output_dir) if n.startswith("step_") and n[5:].isdigit()] if os.path.isdir(output_dir) else []
+        names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+        steps = [n for n in names if n.startswith("step_") and n[5:].isdigit() and os.path.isfile(os.path.join(output_dir, n, "train_state.json"))]
         if not steps:
-            fail(f"--resume_from_checkpoint latest: no step_N checkpoint in --output_dir {output_dir!r}")
+            fail(f"--resume_from_checkpoint latest: no complete step_N checkpoint in --output_dir {output_dir!r}")
         path = os.path.join(output_dir, max(steps, key=lambda n: int(n[5:])))
     if not os.path.isfile(os.path.join(path, "train_state.json")):
         fail(f"--resume_from_checkpoint {path!r} is not a complete checkpoint of train.py (no train_state.json)")
@@ -317,6 +333,15 @@ def save_checkpoint(accelerator, path, train_state, save_total_limit, slot_dir):
             for n in old[:-save_total_limit]:
                 shutil.rmtree(os.path.join(parent, n))
     accelerator.wait_for_everyone()
+
+
+def set_grad_accum(accelerator, engine, gas):
+    """Change gradient accumulation mid-run, at an accumulation boundary. Both sides must change:
+    DeepSpeed scales the loss by 1/gas and steps every gas micro-batches; Accelerate decides
+    sync_gradients from its own counter, which restarts at 0."""
+    engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * gas * accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = gas
+    accelerator.step = 0
 
 
 class TrainState:
@@ -353,7 +378,7 @@ def main(argv=None):
         os.environ.setdefault(k, v)
 
     from accelerate import Accelerator, DeepSpeedPlugin
-    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+    from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast_object_list, set_seed
     from tqdm.auto import tqdm
 
     cuda = torch.cuda.is_available()
@@ -419,11 +444,11 @@ def main(argv=None):
         with open(os.path.join(args.resume_from_checkpoint, "train_state.json")) as f:
             saved = json.load(f)
         if saved.get("budget", budget) != budget:
-            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is from a run with another token budget or batch size")
+            fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is from a run with another token budget")
         gas = controller.grad_accum  # re-apply what DeepSpeed does not restore: the accumulation
-        model.set_train_batch_size(args.per_device_train_batch_size * gas * world)
-        accelerator.gradient_accumulation_steps = gas
+        set_grad_accum(accelerator, model, gas)
     state.budget = budget
+    state.signature = run_signature(args)
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     if accelerator.state.deepspeed_plugin.zero_stage == 3:
@@ -486,6 +511,24 @@ def main(argv=None):
         if args.with_tracking:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=state.step)
 
+    def decide(obs, eval_loss):
+        """One controller decision, the same on every rank, applied: slots, then accumulation."""
+        nonlocal gas, skipped_before
+        d = controller.step(obs)
+        # every rank computed it from the same reduced numbers: check that, and take rank 0's
+        ref = broadcast_object_list([d.as_dict()])[0]
+        if ref != d.as_dict():
+            raise RuntimeError(f"controller decisions differ between ranks: {ref} vs {d.as_dict()}")
+        apply_slots(d)
+        skipped_before = model.skipped_steps
+        if d.grad_accum != gas:  # at an accumulation boundary, in both DeepSpeed and Accelerate
+            gas = d.grad_accum
+            set_grad_accum(accelerator, model, gas)
+        accelerator.print(f"[controller] step {state.step} tokens {state.tokens_spent} eval_loss {eval_loss:.4f} "
+                          f"action {d.action} reward {d.reward:+.4f} lr_scale {d.lr_scale:.3g} grad_accum {d.grad_accum}"
+                          f"{' save ' + d.save if d.save else ''}{' load ' + d.load if d.load else ''}")
+        return d
+
     # ------------------------------------------------------------------------- training loop
     def batches():
         """Micro-batches across epochs, in a seeded order that a resume reproduces."""
@@ -512,6 +555,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     accelerator.step = 0
     data = batches()
+    consecutive_bad = 0
     lr_find, lr_find_end = [], (args.lr_find_steps if not args.resume_from_checkpoint else 0)
     window_loss = torch.zeros((), device=accelerator.device)
     window_micro = 0
@@ -545,11 +589,14 @@ def main(argv=None):
         state.tokens_spent += step_tokens
         state.model_tokens += step_tokens
         step_loss = window_loss / window_micro
-        nonfinite = model.skipped_steps > skipped_before or not torch.isfinite(step_loss).item()
+        # one collective verdict: DeepSpeed skips an update with non-finite gradients on every rank
+        local_bad = torch.tensor(0.0 if torch.isfinite(step_loss).item() else 1.0, device=accelerator.device)
+        nonfinite = model.skipped_steps > skipped_before or accelerator.reduce(local_bad, reduction="sum").item() > 0
         skipped_before = model.skipped_steps
-        if nonfinite:  # DeepSpeed skipped the update on every rank; keep it out of the averages
+        consecutive_bad = consecutive_bad + 1 if nonfinite else 0
+        if nonfinite:  # keep it out of the averages
             state.nonfinite_steps += 1
-            accelerator.print(f"step {state.step}: non-finite loss or gradient, update skipped")
+            accelerator.print(f"step {state.step}: non-finite loss or gradient, update skipped (DeepSpeed overflow check)")
         else:
             interval_loss += step_loss
             interval_steps += 1
@@ -569,8 +616,17 @@ def main(argv=None):
             bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", bs=args.per_device_train_batch_size * world * gas, tok_s=f"{step_tokens / max(dt, 1e-9):.0f}")
 
         done = state.tokens_spent >= budget
-        decide = args.controller != "off" and state.step % args.controller_interval == 0 and not done
-        if decide or state.step % args.eval_steps == 0 or done:
+        if consecutive_bad >= args.max_nonfinite_steps:  # act now, not at the next decision
+            if args.controller == "off":
+                fail(f"{consecutive_bad} consecutive non-finite steps at step {state.step} (updates skipped, weights intact): "
+                     "lower --learning_rate or use --controller rl, which rolls back")
+            d = decide({"tokens": state.tokens_spent, "progress": state.tokens_spent / budget, "eval_loss": math.inf,
+                        "nonfinite_steps": state.nonfinite_steps}, math.inf)
+            log_row({"step": state.step, "tokens_seen": state.tokens_spent, "event": "nonfinite_rollback", "lr": lr,
+                     **{"controller/" + k: v for k, v in d.as_dict().items()}})
+            consecutive_bad = 0
+        decide_now = args.controller != "off" and state.step % args.controller_interval == 0 and not done
+        if decide_now or state.step % args.eval_steps == 0 or done:
             eval_loss, accuracy = evaluate()
             train_loss = accelerator.reduce(interval_loss / max(interval_steps, 1), reduction="mean").item()
             interval_loss.zero_()
@@ -578,27 +634,10 @@ def main(argv=None):
             row = {"step": state.step, "tokens_seen": state.tokens_spent, "train_loss": train_loss, "eval_loss": eval_loss,
                    "perplexity": math.exp(min(eval_loss, 50)), "accuracy": accuracy, "lr": lr,
                    "effective_batch_size": args.per_device_train_batch_size * world * gas, "elapsed_s": time.time() - t_run}
-            if decide:
-                obs = {"tokens": state.tokens_spent, "model_tokens": state.model_tokens, "progress": state.tokens_spent / budget,
-                       "eval_loss": eval_loss, "train_loss": train_loss, "nonfinite_steps": state.nonfinite_steps}
-                d = controller.step(obs)
-                # one decision for all ranks: every rank computed it from the same reduced numbers; check and take rank 0's
-                from accelerate.utils import broadcast_object_list
-
-                ref = broadcast_object_list([d.as_dict()])[0]
-                if ref != d.as_dict():
-                    raise RuntimeError(f"controller decisions differ between ranks: {ref} vs {d.as_dict()}")
-                apply_slots(d)
-                skipped_before = model.skipped_steps
-                if d.grad_accum != gas:  # at an accumulation boundary, in both DeepSpeed and Accelerate
-                    gas = d.grad_accum
-                    model.set_train_batch_size(args.per_device_train_batch_size * gas * world)
-                    accelerator.gradient_accumulation_steps = gas
-                    accelerator.step = 0
+            if decide_now:
+                d = decide({"tokens": state.tokens_spent, "progress": state.tokens_spent / budget, "eval_loss": eval_loss,
+                            "train_loss": train_loss, "nonfinite_steps": state.nonfinite_steps}, eval_loss)
                 row.update({"controller/" + k: v for k, v in d.as_dict().items()})
-                accelerator.print(f"[controller] step {state.step} tokens {state.tokens_spent} eval_loss {eval_loss:.4f} "
-                                  f"action {d.action} reward {d.reward:+.4f} lr_scale {d.lr_scale:.3g} grad_accum {d.grad_accum}"
-                                  f"{' save ' + d.save if d.save else ''}{' load ' + d.load if d.load else ''}")
                 if d.stop:
                     accelerator.print(f"[controller] no improvement for {args.controller_patience} decisions: stopping early")
                     done = True
@@ -654,7 +693,7 @@ def plot_run(output_dir):
     import matplotlib.pyplot as plt
 
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+        rows = [r for r in map(json.loads, f) if "eval_loss" in r]  # evaluations, not fault events
     x = [r["tokens_seen"] for r in rows]
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.5))
     ax[0].plot(x, [r["eval_loss"] for r in rows], marker=".")

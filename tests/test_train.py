@@ -6,49 +6,9 @@ Run: python -m pytest -q tests/test_train.py      (about 5 minutes on 2 CPU core
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--block_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-        "--max_train_steps", "16", "--eval_steps", "4", "--controller_interval", "4", "--max_eval_batches", "2",
-        "--num_warmup_steps", "2", "--config_overrides", "n_layer=1,n_embd=32,n_head=2", "--sample_tokens", "8"]
-
-
-def launch(args, processes=1, config=None, check=True):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--config_file", os.path.join(ROOT, config)] if config else []
-    cmd += ["--num_processes", str(processes), os.path.join(ROOT, "train.py"), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
-    return p
-
-
-def rows(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def results(out):
-    with open(os.path.join(out, "results.json")) as f:
-        return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def text_files(tmp_path_factory):
-    """Local .txt files cut from two plays (train) and a third (validation)."""
-    sys.path.insert(0, ROOT)
-    import train
-
-    plays = dict(train.shakespeare_texts())
-    d = tmp_path_factory.mktemp("data")
-    (d / "train.txt").write_text(plays["macbeth"][:60000] + plays["othello"][:60000])
-    (d / "valid.txt").write_text(plays["hamlet"][:20000])
-    return str(d / "train.txt"), str(d / "valid.txt")
+from helpers import TINY, launch, results, rows
 
 
 def test_default_data_one_process_zero2(tmp_path):
