@@ -556,6 +556,7 @@ def main(argv=None):
     accelerator.step = 0
     data = batches()
     consecutive_bad = 0
+    eval_loss = accuracy = None
     lr_find, lr_find_end = [], (args.lr_find_steps if not args.resume_from_checkpoint else 0)
     window_loss = torch.zeros((), device=accelerator.device)
     window_micro = 0
@@ -651,6 +652,8 @@ def main(argv=None):
             break
         t_step = time.time()
     bar.close()
+    if eval_loss is None:  # resumed from a checkpoint taken at the very end of the budget
+        eval_loss, accuracy = evaluate()
 
     # ------------------------------------------------------------------------- save
     wall = time.time() - t_run

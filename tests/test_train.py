@@ -6,9 +6,11 @@ Run: python -m pytest -q tests/test_train.py      (about 5 minutes on 2 CPU core
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import pytest
-from helpers import TINY, launch, results, rows
+from helpers import ROOT, TINY, launch, results, rows
 
 
 def test_default_data_one_process_zero2(tmp_path):
@@ -88,3 +90,13 @@ def test_local_model_directory_and_json_files(tmp_path):
     res = results(out)
     assert res["controller"] == "off" and res["steps"] == 16
     assert "controller/action" not in rows(out)[0]
+
+
+def test_accumulation_change_keeps_the_gradient_scale():
+    """set_grad_accum changes DeepSpeed and Accelerate together: the gradient after a change from 1 to 2
+    is the mean over 2 micro-batches x 2 processes, as if accumulation 2 had been used from the start."""
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", os.path.join(ROOT, "accelerate_config.yaml"),
+           "--num_processes", "2", os.path.join(ROOT, "tests", "accum_check.py")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert p.returncode == 0 and "ACCUM OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
