@@ -141,7 +141,7 @@ class Decision:
 # opening: trials from the anchor, each a multiplier on the incumbent lr
 PROBE_ACTIONS = (0.1, 10**-0.5, 10**0.5, 10.0)  # half and whole decades
 # online: (lr factor, accumulation factor)
-ONLINE_ACTIONS = (("keep", 1.0, 1.0), ("lr_down", 0.7, 1.0), ("lr_up", 1.4, 1.0), ("batch_up", 1.0, 2.0), ("batch_down", 1.0, 0.5))
+ONLINE_ACTIONS = (("keep", 1.0, 1.0), ("lr_down", 0.8, 1.0), ("lr_up", 1.25, 1.0), ("batch_up", 1.0, 2.0), ("batch_down", 1.0, 0.5))
 
 
 class Controller:
@@ -175,8 +175,8 @@ class Controller:
         # policy logits over the probe moves; a prior for going down first: a too-high lr does its damage early
         self.probe_pref = [0.5 if f < 1 else 0.0 for f in PROBE_ACTIONS]
         self.last_probe_action = None
-        # rl: online linear-softmax policy; keep starts preferred so exploration is gentle
-        self.theta = [[2.0 if a == 0 else 0.0, 0.0, 0.0, 0.0] for a in range(len(ONLINE_ACTIONS))]
+        # rl: online linear-softmax policy; keep starts preferred (p = 0.83) so exploration is gentle
+        self.theta = [[3.0 if a == 0 else 0.0, 0.0, 0.0, 0.0] for a in range(len(ONLINE_ACTIONS))]
         self.last = None  # (features, probs, action) awaiting its reward
         # plateau
         self.plateau_best, self.bad_evals = math.inf, 0

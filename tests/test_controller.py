@@ -88,7 +88,7 @@ def test_unknown_policy_is_refused():
 
 def test_rl_policy_learns_the_best_arm_of_a_toy_bandit():
     """Online phase only: the loss improves most after 'lr_up', not at all after the others."""
-    c = make(probe_trials=0)
+    c = ctl.Controller("rl", lr=1e-3, lr_bounds=(1e-60, 1e60), grad_accum=2, grad_accum_bounds=(1, 8), seed=3, probe_trials=0)
     assert c.phase == "online"
     loss, tokens, counts = 3.0, 0, {}
     d = None
@@ -160,7 +160,7 @@ def test_patience_stops():
 
 
 def test_state_dict_round_trip_gives_identical_later_decisions():
-    obs = [{"tokens": 1000 * (i + 1), "eval_loss": 4.0 - 0.1 * i + 0.05 * (i % 3), "progress": i / 40} for i in range(40)]
+    obs = [{"tokens": 1000 * (i + 1), "eval_loss": 4.0 - 0.02 * i + 0.05 * (i % 3), "progress": i / 80} for i in range(80)]
     a = make(probe_frac=0.3)
     for o in obs[:15]:
         a.step(o)
