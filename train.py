@@ -58,8 +58,8 @@ def parse_args(argv=None):
     a("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (fills 'gradient_clipping' in the DeepSpeed JSON).")
     a("--lr_scheduler_type", default="cosine", choices=["linear", "cosine", "constant", "constant_with_warmup"], help="Schedule over the token budget.")
     a("--num_warmup_steps", type=int, default=10, help="Warmup length, in optimizer steps of the starting batch size.")
-    a("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is not given.")
-    a("--max_train_steps", type=int, default=400, help="Budget in optimizer steps at the starting batch size; the run stops after that many tokens.")
+    a("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is 0.")
+    a("--max_train_steps", type=int, default=400, help="Budget in optimizer steps at the starting batch size; the run stops after that many tokens. 0: use --num_train_epochs.")
     a("--lr_find_steps", type=int, default=0, help="Run an lr range test first (fastai/Lightning lr_find): this many steps from --min_lr to --max_lr, then restart from the initial weights at the suggested lr. Its tokens count in the budget. 0: off.")
     a("--cpu_threads", type=int, default=0, help="Torch threads per process on CPU (0: the machine's cores / local processes; accelerate launch would otherwise set 1).")
     a("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="Default: bf16 on a GPU that supports it, else no.")
@@ -109,10 +109,12 @@ def fail(msg):
 def check_args(args):
     """Reject bad input before any heavy work. Returns the loaded DeepSpeed config."""
     positive = ["block_size", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_train_steps", "num_train_epochs", "eval_steps", "max_eval_batches", "controller_interval", "max_nonfinite_steps"]
+                "num_train_epochs", "eval_steps", "max_eval_batches", "controller_interval", "max_nonfinite_steps"]
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.max_train_steps < 0:
+        fail(f"--max_train_steps must be >= 0 (0: use --num_train_epochs), got {args.max_train_steps}")
     for name in ["learning_rate", "min_lr", "max_lr", "max_grad_norm"]:
         v = getattr(args, name)
         if not (math.isfinite(v) and v > 0):
@@ -404,10 +406,13 @@ def main(argv=None):
     set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        if not args.resume_from_checkpoint:
-            for n in ("metrics.jsonl", "results.json"):  # --overwrite_output_dir: start the logs afresh
-                if os.path.exists(os.path.join(args.output_dir, n)):
-                    os.remove(os.path.join(args.output_dir, n))
+        if not args.resume_from_checkpoint:  # --overwrite_output_dir: start afresh, so no stale checkpoint is resumed later
+            for n in os.listdir(args.output_dir):
+                path = os.path.join(args.output_dir, n)
+                if n in ("metrics.jsonl", "results.json"):
+                    os.remove(path)
+                elif n.startswith("step_") or n == "controller_slots":
+                    shutil.rmtree(path)
     accelerator.wait_for_everyone()
 
     model, tokenizer = build_model_and_tokenizer(args)
