@@ -153,7 +153,7 @@ class Controller:
     """
 
     def __init__(self, policy, lr, lr_bounds, grad_accum, grad_accum_bounds, seed=0, patience=None,
-                 probe_trials=5, probe_frac=0.2, spike=0.25, eta=0.5, margin=0.01):
+                 probe_trials=5, probe_frac=0.2, spike=0.25, eta=0.5, margin=0.01, slow_drop=1 / 3):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.policy, self.base_lr, self.patience = policy, lr, patience
@@ -162,6 +162,7 @@ class Controller:
         self.ref_accum = grad_accum
         self.lr_scale, self.grad_accum = 1.0, grad_accum
         self.probe_trials, self.probe_frac, self.spike, self.eta, self.margin = probe_trials, probe_frac, spike, eta, margin
+        self.slow_drop, self.init_loss = slow_drop, None
         self.rng = random.Random(seed)
         self.decisions = 0
         self.bad_seen = 0  # non-finite steps already accounted for
@@ -221,8 +222,10 @@ class Controller:
             self.last_loss = self.slot_loss.get(d.load)
         return d
 
-    def start(self):
-        """Call once before training; apply the returned save (the rl opening trials start from it)."""
+    def start(self, eval_loss=None):
+        """Call once before training, with the eval loss of the initial weights if known; apply the
+        returned save (the rl opening trials start from it)."""
+        self.init_loss = eval_loss
         return Decision(self.lr_scale, self.grad_accum, action="start", save="init" if self.phase == "probe" else "", phase="start")
 
     def _step_off(self, loss, reward, bad, obs):
@@ -264,6 +267,12 @@ class Controller:
         prev_best = min((t[1] for t in self.trials), default=math.inf)
         self.trials.append((self.lr_scale, loss))
         new_best = loss < prev_best
+        if len(self.trials) == 1 and self.init_loss:  # the initial policy, from the first trial's state
+            # a too-low lr barely moves the loss in one interval: if the first trial took off less than
+            # slow_drop of the initial loss, prefer going up; else go down, the safe side
+            up = (self.init_loss - loss) / self.init_loss < self.slow_drop
+            # whole-decade move first (p = 0.75), half-decade next (0.17), the other direction last
+            self.probe_pref = [(3.0 if abs(math.log10(f)) == 1 else 1.5) if (f > 1) == up else 0.0 for f in PROBE_ACTIONS]
         if self.last_probe_action is not None:  # learn from the move that produced this trial
             probs = softmax(self.probe_pref)
             gain = 1.0 if new_best else -1.0

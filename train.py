@@ -549,7 +549,7 @@ def main(argv=None):
     if args.optimizer == "schedulefree":
         optimizer.optimizer.train()
     if not args.resume_from_checkpoint:
-        first = controller.start()
+        first = controller.start(evaluate()[0] if args.controller == "rl" else None)
         if args.lr_find_steps and not first.save:
             first.save = "init"
         apply_slots(first)

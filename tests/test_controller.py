@@ -181,3 +181,16 @@ def test_same_seed_same_decisions_other_seed_differs():
         runs.append([c.step(o).action for o in obs])
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("first_loss,up", [(5.2, True), (3.3, False)])
+def test_probe_first_move_follows_how_far_the_first_trial_got(first_loss, up):
+    """From 6.0 at init: a first trial that took off little (5.2) suggests a too-low lr (go up);
+    one that took off a lot (3.3) may be too high, and the safe first move is down."""
+    went_up = 0
+    for seed in range(40):
+        c = ctl.Controller("rl", 1e-3, (1e-6, 1.0), 1, (1, 4), seed=seed, probe_frac=1.0)
+        c.start(eval_loss=6.0)
+        c.step({"tokens": 1000, "eval_loss": first_loss, "progress": 0.01})
+        went_up += c.lr_scale > 1
+    assert (went_up >= 32) if up else (went_up <= 8), went_up
