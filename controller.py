@@ -153,7 +153,7 @@ class Controller:
     """
 
     def __init__(self, policy, lr, lr_bounds, grad_accum, grad_accum_bounds, seed=0, patience=None,
-                 probe_trials=5, probe_frac=0.2, spike=0.25, eta=0.5, margin=0.01, slow_drop=1 / 3):
+                 probe_trials=5, probe_frac=0.2, spike=0.25, eta=0.5, tie=0.03, slow_drop=1 / 3):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.policy, self.base_lr, self.patience = policy, lr, patience
@@ -161,8 +161,8 @@ class Controller:
         self.ga_lo, self.ga_hi = grad_accum_bounds
         self.ref_accum = grad_accum
         self.lr_scale, self.grad_accum = 1.0, grad_accum
-        self.probe_trials, self.probe_frac, self.spike, self.eta, self.margin = probe_trials, probe_frac, spike, eta, margin
-        self.slow_drop, self.init_loss = slow_drop, None
+        self.probe_trials, self.probe_frac, self.spike, self.eta, self.tie = probe_trials, probe_frac, spike, eta, tie
+        self.slow_drop, self.init_loss, self.best_trial = slow_drop, None, None
         self.rng = random.Random(seed)
         self.decisions = 0
         self.bad_seen = 0  # non-finite steps already accounted for
@@ -258,16 +258,17 @@ class Controller:
 
     def _probe(self, loss, bad, obs):
         """Opening: trials of one interval each, all started from the initial weights (slot
-        "init"), so their eval losses compare like with like. The policy picks the next trial's
-        lr move relative to the incumbent (the best trial so far); a move that beats the
-        incumbent earns +1, else -1, and the move preferences are updated by REINFORCE against
-        the policy's expected value. The best trial's weights are kept (slot "best") and
-        training goes on from them: only the other trials' tokens are lost."""
+        "init"), so their eval losses compare like with like. The incumbent is the lowest-lr trial
+        within `tie` of the best loss: after one interval a too-high lr can look as good as the
+        right one (it reaches the easy part of the loss first), so near-ties go to the lower lr.
+        The policy picks the next trial's lr move relative to the incumbent; a move whose trial
+        becomes the incumbent earns +1, else -1, and the move preferences are updated by
+        REINFORCE. The incumbent's weights are kept (slot "best") and training goes on from them."""
         loss = loss if (math.isfinite(loss) and not bad) else math.inf
-        prev_best = min((t[1] for t in self.trials), default=math.inf)
         self.trials.append((self.lr_scale, loss))
-        new_best = loss < prev_best
-        if len(self.trials) == 1 and self.init_loss:  # the initial policy, from the first trial's state
+        last = len(self.trials) - 1
+        inc = self._incumbent()
+        if last == 0 and self.init_loss:  # the initial policy, from the first trial's state
             # a too-low lr barely moves the loss in one interval: if the first trial took off less than
             # slow_drop of the initial loss, prefer going up; else go down, the safe side
             up = (self.init_loss - loss) / self.init_loss < self.slow_drop
@@ -275,23 +276,33 @@ class Controller:
             self.probe_pref = [(3.0 if abs(math.log10(f)) == 1 else 1.5) if (f > 1) == up else 0.0 for f in PROBE_ACTIONS]
         if self.last_probe_action is not None:  # learn from the move that produced this trial
             probs = softmax(self.probe_pref)
-            gain = 1.0 if new_best else -1.0
+            gain = 1.0 if inc == last else -1.0
             for a in range(len(PROBE_ACTIONS)):
                 self.probe_pref[a] += self.eta * 4 * gain * ((1.0 if a == self.last_probe_action else 0.0) - probs[a])
-        best_scale, best_loss = min(self.trials, key=lambda t: t[1])
-        save = "best" if new_best else ""
+        save = ""
+        if inc == last:
+            save, self.best_trial = "best", last
+        inc_scale, inc_loss = self.trials[inc]
         progress = float(obs.get("progress", 0.0))
         no_room = progress + progress / self.decisions > self.probe_frac  # another trial would pass the opening's share
-        if len(self.trials) >= self.probe_trials or no_room or self._probe_done() or not self._probe_moves(best_scale):
+        bracketed = any(s < inc_scale for s, _ in self.trials) and any(s > inc_scale for s, _ in self.trials)
+        if len(self.trials) >= self.probe_trials or no_room or bracketed or not self._probe_moves(inc_scale):
             self.phase = "online"
-            self.lr_scale, self.best, self.since_best = best_scale, best_loss, 0
-            return Decision(self.lr_scale, self.grad_accum, action="commit", save=save, load="" if new_best else "best", phase="probe")
-        moves = self._probe_moves(best_scale)
+            self.lr_scale, self.best, self.since_best = inc_scale, inc_loss, 0
+            # go on from the incumbent: it is the trial just run, or in slot "best"; else restart from "init"
+            load = "" if inc == last else ("best" if inc == self.best_trial else "init")
+            return Decision(self.lr_scale, self.grad_accum, action="commit", save=save, load=load, phase="probe")
+        moves = self._probe_moves(inc_scale)
         probs = softmax([self.probe_pref[a] for a in moves])
         a = moves[self._sample(probs)]
         self.last_probe_action = a
-        self.lr_scale = self._clip(best_scale * PROBE_ACTIONS[a])
+        self.lr_scale = self._clip(inc_scale * PROBE_ACTIONS[a])
         return Decision(self.lr_scale, self.grad_accum, action=f"trial_x{PROBE_ACTIONS[a]:.3g}", save=save, load="init", phase="probe")
+
+    def _incumbent(self):
+        """Index of the lowest-lr trial whose loss is within `tie` of the best trial's."""
+        best = min(v for _, v in self.trials)
+        return min((i for i, (_, v) in enumerate(self.trials) if v <= best * (1 + self.tie)), key=lambda i: self.trials[i][0])
 
     def _probe_moves(self, best_scale):
         """Indices of the probe moves that lead to an lr not tried yet (within the bounds)."""
@@ -305,14 +316,6 @@ class Controller:
             if u <= acc:
                 return i
         return len(probs) - 1
-
-    def _probe_done(self):
-        """Stop early once the best trial has worse trials on both sides (it is bracketed)."""
-        best_scale, best_loss = min(self.trials, key=lambda t: t[1])
-        worse = best_loss * (1 + self.margin)  # a trial within the margin is a tie, not a bracket
-        lower = any(s < best_scale and v > worse for s, v in self.trials)
-        higher = any(s > best_scale and v > worse for s, v in self.trials)
-        return lower and higher
 
     def _changes(self, lr_f, ga_f):
         """Whether an online action would change anything within the bounds."""

@@ -194,3 +194,19 @@ def test_probe_first_move_follows_how_far_the_first_trial_got(first_loss, up):
         c.step({"tokens": 1000, "eval_loss": first_loss, "progress": 0.01})
         went_up += c.lr_scale > 1
     assert (went_up >= 32) if up else (went_up <= 8), went_up
+
+
+def test_probe_near_ties_go_to_the_lower_lr():
+    """A trial at 10x that is only 1.5% better than the one at 1x does not win: after one interval a
+    too-high lr can look as good as the right one. The run goes on at 1x from its saved weights."""
+    c = make(probe_frac=1.0, probe_trials=2)
+    c.start(eval_loss=6.0)
+    d1 = c.step({"tokens": 1000, "eval_loss": 5.5, "progress": 0.01})  # took off little: go up
+    assert d1.save == "best" and d1.load == "init" and c.lr_scale > 1
+    d2 = c.step({"tokens": 2000, "eval_loss": 5.5 * (1 - 0.015), "progress": 0.02})
+    assert d2.action == "commit" and c.lr_scale == 1.0 and d2.load == "best" and d2.save == ""
+    c = make(probe_frac=1.0, probe_trials=2)
+    c.start(eval_loss=6.0)
+    c.step({"tokens": 1000, "eval_loss": 5.5, "progress": 0.01})
+    d2 = c.step({"tokens": 2000, "eval_loss": 5.5 * (1 - 0.05), "progress": 0.02})  # clearly better: it wins
+    assert d2.action == "commit" and c.lr_scale > 1 and d2.load == "" and d2.save == "best"
