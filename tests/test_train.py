@@ -25,7 +25,7 @@ def test_default_data_one_process_zero2(tmp_path):
     res = results(out)
     assert {"eval_loss", "perplexity", "accuracy", "steps", "tokens_seen", "wall_s", "train_tokens_per_s", "peak_memory_mb"} <= set(res)
     assert res["zero_stage"] == 2 and res["num_processes"] == 1
-    assert res["eval_loss"] < 5.0  # from ln(384) = 5.95 at init: it learned
+    assert res["eval_loss"] < min(5.6, r[0]["eval_loss"])  # from ln(384) = 5.95 at init: it learned, and kept learning
     assert res["tokens_seen"] == 16 * 4 * 32
     assert glob.glob(os.path.join(out, "train", "events.out.tfevents.*")), "TensorBoard wrote no event file"
     assert os.path.getsize(os.path.join(out, "run.png")) > 1000
