@@ -596,8 +596,9 @@ def main(argv=None):
         state.model_tokens += step_tokens
         step_loss = window_loss / window_micro
         # one collective verdict: DeepSpeed skips an update with non-finite gradients on every rank
-        local_bad = torch.tensor(0.0 if torch.isfinite(step_loss).item() else 1.0, device=accelerator.device)
-        nonfinite = model.skipped_steps > skipped_before or accelerator.reduce(local_bad, reduction="sum").item() > 0
+        nonfinite = model.skipped_steps > skipped_before or not torch.isfinite(step_loss).item()
+        if world > 1:  # the loss may be non-finite on one rank only
+            nonfinite = accelerator.reduce(torch.tensor(float(nonfinite), device=accelerator.device), reduction="sum").item() > 0
         skipped_before = model.skipped_steps
         consecutive_bad = consecutive_bad + 1 if nonfinite else 0
         if nonfinite:  # keep it out of the averages
@@ -618,7 +619,7 @@ def main(argv=None):
         dt = time.time() - t_step
         state.train_time += dt
         bar.update(step_tokens)
-        if accelerator.is_local_main_process:
+        if accelerator.is_local_main_process and state.step % 10 == 0:
             bar.set_postfix(loss=f"{step_loss.item():.3f}", lr=f"{lr:.2e}", bs=args.per_device_train_batch_size * world * gas, tok_s=f"{step_tokens / max(dt, 1e-9):.0f}")
 
         done = state.tokens_spent >= budget
@@ -687,7 +688,9 @@ def main(argv=None):
             reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
             prompt = tokenizer("ROMEO:", return_tensors="pt").input_ids[:, :-1] if not args.model_name_or_path else tokenizer("The", return_tensors="pt").input_ids
             torch.manual_seed(args.seed)
-            out = reloaded.generate(prompt, max_new_tokens=args.sample_tokens, do_sample=True, top_k=40, pad_token_id=tokenizer.pad_token_id)
+            room = getattr(reloaded.config, "max_position_embeddings", None) or args.sample_tokens + prompt.shape[1]
+            out = reloaded.generate(prompt, max_new_tokens=min(args.sample_tokens, room - prompt.shape[1]), do_sample=True, top_k=40,
+                                    pad_token_id=tokenizer.pad_token_id)
             print("----- sample -----\n" + tokenizer.decode(out[0], skip_special_tokens=True) + "\n------------------")
     accelerator.end_training()
     return results if accelerator.is_main_process else None
