@@ -156,7 +156,7 @@ class Controller:
                  probe_trials=5, probe_frac=0.2, spike=0.25, eta=0.5, tie=0.03, slow_drop=1 / 3):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
-        self.policy, self.base_lr, self.patience = policy, lr, patience
+        self.policy, self.patience = policy, patience
         self.scale_lo, self.scale_hi = lr_bounds[0] / lr, lr_bounds[1] / lr
         self.ga_lo, self.ga_hi = grad_accum_bounds
         self.ref_accum = grad_accum

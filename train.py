@@ -356,7 +356,6 @@ class TrainState:
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches consumed in this epoch, for the data order on resume
         self.train_time = 0.0
-        self.best_eval = float("inf")
         self.nonfinite_steps = 0
         self.rollbacks = 0
 
@@ -651,7 +650,6 @@ def main(argv=None):
             log_row(row)
             accelerator.print(f"eval step {state.step} tokens {state.tokens_spent} train_loss {train_loss:.4f} eval_loss {eval_loss:.4f} "
                               f"ppl {row['perplexity']:.2f} acc {accuracy:.4f} lr {lr:.3e} batch {row['effective_batch_size']}")
-            state.best_eval = min(state.best_eval, eval_loss)
         if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
             save_checkpoint(accelerator, os.path.join(args.output_dir, f"step_{state.step}"), state, args.save_total_limit, slot_dir)
         if done:
