@@ -571,6 +571,9 @@ def main(argv=None):
     t_step = time.time()
     while state.tokens_spent < budget:
         batch = next(data)
+        if window_micro == 0 and 0 < (budget - state.tokens_spent) // micro_tokens < gas:  # the last step fits the budget
+            gas = (budget - state.tokens_spent) // micro_tokens
+            set_grad_accum(accelerator, model, gas)
         if window_micro == 0:  # lr for this optimizer step: schedule x the controller's multiplier
             wasted = state.tokens_spent - state.model_tokens
             lr = args.learning_rate * schedule(args.lr_scheduler_type, state.model_tokens, warmup_tokens, budget - wasted) * controller.lr_scale

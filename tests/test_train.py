@@ -100,3 +100,17 @@ def test_accumulation_change_keeps_the_gradient_scale():
            "--num_processes", "2", os.path.join(ROOT, "tests", "accum_check.py")]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0 and "ACCUM OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+def test_two_processes_controller_changes_lr_and_accumulation_identically(tmp_path, text_files):
+    """The `seed` policy moves both the lr and the accumulation from the first improvements; with two
+    processes every decision is computed on both ranks and compared (train.py raises on a mismatch)."""
+    out = str(tmp_path / "run")
+    train_file, valid_file = text_files
+    launch(TINY + ["--output_dir", out, "--train_file", train_file, "--validation_file", valid_file, "--controller", "seed",
+                   "--max_train_steps", "24"], processes=2, config="accelerate_config.yaml")
+    decisions = [r for r in rows(out) if "controller/action" in r]
+    assert {r["controller/grad_accum"] for r in decisions} - {1}, decisions  # the batch changed
+    assert any(r["controller/lr_scale"] != 1.0 for r in decisions), decisions  # the lr changed
+    assert {r["effective_batch_size"] for r in rows(out)} - {8}  # 4 x 2 processes at the start
+    assert results(out)["tokens_seen"] == 24 * 4 * 32 * 2  # the budget is tokens, whatever the batch
