@@ -60,3 +60,6 @@ expected = float((flat / acc.num_processes).norm())
 assert abs(got - expected) <= 1e-4 * expected, (got, expected)
 assert abs(got - expected / 2) > 0.1 * expected  # a half-scaled gradient (the classic bug) would be caught
 acc.print(f"ACCUM OK deepspeed grad norm {got:.6f} expected {expected:.6f}")
+acc.end_training()
+if torch.distributed.is_initialized():  # a clean exit: gloo threads left running abort the process at exit
+    torch.distributed.destroy_process_group()
