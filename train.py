@@ -512,8 +512,10 @@ def main(argv=None):
         if accelerator.is_main_process:
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if args.with_tracking:
-            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=state.step)
+        if args.with_tracking:  # namespaced for the trackers: train/*, eval/*, controller/*
+            space = {"train_loss": "train/loss", "lr": "train/lr", "effective_batch_size": "train/effective_batch_size",
+                     "tokens_seen": "train/tokens_seen", "eval_loss": "eval/loss", "perplexity": "eval/perplexity", "accuracy": "eval/accuracy"}
+            accelerator.log({space.get(k, k): v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=state.step)
 
     def decide(obs, eval_loss):
         """One controller decision, the same on every rank, applied: slots, then accumulation."""

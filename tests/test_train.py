@@ -27,7 +27,12 @@ def test_default_data_one_process_zero2(tmp_path):
     assert res["zero_stage"] == 2 and res["num_processes"] == 1
     assert res["eval_loss"] < min(5.6, r[0]["eval_loss"])  # from ln(384) = 5.95 at init: it learned, and kept learning
     assert res["tokens_seen"] == 16 * 4 * 32
-    assert glob.glob(os.path.join(out, "train", "events.out.tfevents.*")), "TensorBoard wrote no event file"
+    events = glob.glob(os.path.join(out, "train", "events.out.tfevents.*"))
+    assert events, "TensorBoard wrote no event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(events[0]).Reload().Tags()["scalars"]
+    assert {"train/loss", "eval/loss", "train/lr", "controller/reward"} <= set(tags), tags
     assert os.path.getsize(os.path.join(out, "run.png")) > 1000
     assert "----- sample -----" in p.stdout
     # the saved model and tokenizer reload and generate
