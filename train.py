@@ -103,6 +103,8 @@ def parse_args(argv=None):
 
 def fail(msg):
     """One line on stderr, non-zero exit, nothing touched on disk."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo threads can abort the exit
     sys.exit(f"train.py: error: {msg}")
 
 
