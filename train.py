@@ -177,10 +177,11 @@ def check_args(args):
         args.resume_from_checkpoint = find_checkpoint(args.resume_from_checkpoint, out)
         with open(os.path.join(args.resume_from_checkpoint, "train_state.json")) as f:
             saved = json.load(f).get("signature", {})
-        diff = sorted(k for k, v in run_signature(args).items() if saved.get(k) != v)
+        now = run_signature(args)
+        diff = sorted(k for k, v in now.items() if saved.get(k) != v)
         if diff:
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is from an incompatible run: "
-                 + ", ".join(f"{k} was {saved.get(k)!r}, now {run_signature(args)[k]!r}" for k in diff))
+                 + ", ".join(f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in diff))
     return ds
 
 
@@ -456,9 +457,7 @@ def main(argv=None):
     state.budget = budget
     state.signature = run_signature(args)
 
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    if accelerator.state.deepspeed_plugin.zero_stage == 3:
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).parameters())  # ds_numel: ZeRO-3 shards
     accelerator.print(
         "***** Running training *****\n"
         f"  Model parameters = {n_params / 1e6:.2f}M, train blocks = {len(train_ds)}, validation blocks = {len(eval_ds)}\n"
