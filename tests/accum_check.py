@@ -23,10 +23,17 @@ import train
 with open(os.path.join(ROOT, "ds_config.json")) as f:
     ds = json.load(f)
 ds.update(gradient_clipping=1e9, train_micro_batch_size_per_gpu=2)
-acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=1), gradient_accumulation_steps=1,
-                  kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+acc = Accelerator(
+    deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds, gradient_accumulation_steps=1),
+    gradient_accumulation_steps=1,
+    kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
+)
 torch.manual_seed(0)
-model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=50, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+model = GPT2LMHeadModel(
+    GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=50, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+)
 reference = copy.deepcopy(model)
 engine, _ = acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))  # lr 0: the weights stay put
 

@@ -6,9 +6,28 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--block_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-        "--max_train_steps", "16", "--eval_steps", "4", "--controller_interval", "4", "--max_eval_batches", "2",
-        "--num_warmup_steps", "2", "--config_overrides", "n_layer=1,n_embd=32,n_head=2", "--sample_tokens", "8"]
+TINY = [
+    "--block_size",
+    "32",
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "4",
+    "--max_train_steps",
+    "16",
+    "--eval_steps",
+    "4",
+    "--controller_interval",
+    "4",
+    "--max_eval_batches",
+    "2",
+    "--num_warmup_steps",
+    "2",
+    "--config_overrides",
+    "n_layer=1,n_embd=32,n_head=2",
+    "--sample_tokens",
+    "8",
+]
 
 
 def launch(args, processes=1, config=None, check=True):

@@ -13,8 +13,13 @@ from helpers import ROOT
 
 def test_quick_benchmark_writes_table_and_plots(tmp_path):
     out = tmp_path / "bench"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), "--quick", "--output_dir", str(out)],
-                       capture_output=True, text=True, timeout=900, check=False)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmark.py"), "--quick", "--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     table = (out / "results.md").read_text()
     for method in ("oracle (best of sweep)", "| constant |", "| rl |", "| prodigy |"):

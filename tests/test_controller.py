@@ -77,8 +77,15 @@ def test_softmax_is_stable():
 
 
 # ---------------------------------------------------------------- the policies
-def make(policy="rl", **kw):
-    return ctl.Controller(policy, lr=1e-3, lr_bounds=(1e-8, 1e2), grad_accum=2, grad_accum_bounds=(1, 8), seed=3, **kw)
+def make(policy="rl", patience=None):
+    return ctl.Controller(
+        policy, lr=1e-3, lr_bounds=(1e-8, 1e2), grad_accum=2, grad_accum_bounds=(1, 8), seed=3, patience=patience
+    )
+
+
+@pytest.fixture
+def no_opening(monkeypatch):
+    monkeypatch.setattr(ctl, "PROBE_TRIALS", 0)
 
 
 def test_unknown_policy_is_refused():
@@ -86,10 +93,10 @@ def test_unknown_policy_is_refused():
         make("adam")
 
 
-def test_rl_policy_learns_the_best_arm_of_a_toy_bandit():
+def test_rl_policy_learns_the_best_arm_of_a_toy_bandit(no_opening):
     """Online phase only: the loss improves most after 'lr_up', not at all after the others."""
-    c = ctl.Controller("rl", lr=1e-3, lr_bounds=(1e-60, 1e60), grad_accum=2, grad_accum_bounds=(1, 8), seed=3, probe_trials=0)
-    assert c.phase == "online"
+    c = ctl.Controller("rl", lr=1e-3, lr_bounds=(1e-60, 1e60), grad_accum=2, grad_accum_bounds=(1, 8), seed=3)
+    assert c.policy.phase == "online"
     loss, tokens, counts = 3.0, 0, {}
     d = None
     for i in range(300):
@@ -103,10 +110,11 @@ def test_rl_policy_learns_the_best_arm_of_a_toy_bandit():
     assert counts["lr_up"] > 50, counts
 
 
-def test_probe_finds_the_best_lr_and_keeps_its_weights():
+def test_probe_finds_the_best_lr_and_keeps_its_weights(monkeypatch):
     """Opening trials on a loss that is best at 10x the starting lr: the probe tries moves from
     the initial weights (load init) and commits to the best trial's lr."""
-    c = make(probe_frac=1.0)
+    monkeypatch.setattr(ctl, "PROBE_FRAC", 1.0)
+    c = make()
     assert c.start().save == "init"
 
     def trial_loss(scale):  # V-shaped in log10(lr scale), best at scale 10
@@ -122,11 +130,11 @@ def test_probe_finds_the_best_lr_and_keeps_its_weights():
     assert decisions[-1].action == "commit"
     assert c.lr_scale == pytest.approx(10.0)
     assert all(d.load == "init" for d in decisions[:-1])  # every trial restarts from the initial weights
-    assert c.phase == "online"
+    assert c.policy.phase == "online"
 
 
-def test_online_rollback_on_spike_and_nonfinite():
-    c = make(probe_trials=0)
+def test_online_rollback_on_spike_and_nonfinite(no_opening):
+    c = make()
     c.step({"tokens": 1000, "eval_loss": 3.0})
     scale = c.lr_scale
     d = c.step({"tokens": 2000, "eval_loss": 3.0 * 1.5})
@@ -159,13 +167,16 @@ def test_patience_stops():
     assert stops == [False, False, True]
 
 
-def test_state_dict_round_trip_gives_identical_later_decisions():
-    obs = [{"tokens": 1000 * (i + 1), "eval_loss": 4.0 - 0.02 * i + 0.05 * (i % 3), "progress": i / 80} for i in range(80)]
-    a = make(probe_frac=0.3)
+def test_state_dict_round_trip_gives_identical_later_decisions(monkeypatch):
+    monkeypatch.setattr(ctl, "PROBE_FRAC", 0.3)
+    obs = [
+        {"tokens": 1000 * (i + 1), "eval_loss": 4.0 - 0.02 * i + 0.05 * (i % 3), "progress": i / 80} for i in range(80)
+    ]
+    a = make()
     for o in obs[:15]:
         a.step(o)
     saved = json.loads(json.dumps(a.state_dict()))  # plain data, survives JSON
-    b = make(probe_frac=0.3)
+    b = make()
     b.load_state_dict(saved)
     rest_a = [a.step(o).as_dict() for o in obs[15:]]
     rest_b = [b.step(o).as_dict() for o in obs[15:]]
@@ -173,39 +184,42 @@ def test_state_dict_round_trip_gives_identical_later_decisions():
     assert len({d["action"] for d in rest_a}) > 1  # the policy is really choosing
 
 
-def test_same_seed_same_decisions_other_seed_differs():
+def test_same_seed_same_decisions_other_seed_differs(no_opening):
     obs = [{"tokens": 1000 * (i + 1), "eval_loss": 4.0 - 0.05 * i} for i in range(40)]
     runs = []
     for seed in (1, 1, 2):
-        c = ctl.Controller("rl", 1e-3, (1e-8, 1e2), 2, (1, 8), seed=seed, probe_trials=0)
+        c = ctl.Controller("rl", 1e-3, (1e-8, 1e2), 2, (1, 8), seed=seed)
         runs.append([c.step(o).action for o in obs])
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
 
 @pytest.mark.parametrize("first_loss,up", [(5.2, True), (3.3, False)])
-def test_probe_first_move_follows_how_far_the_first_trial_got(first_loss, up):
+def test_probe_first_move_follows_how_far_the_first_trial_got(first_loss, up, monkeypatch):
     """From 6.0 at init: a first trial that took off little (5.2) suggests a too-low lr (go up);
     one that took off a lot (3.3) may be too high, and the safe first move is down."""
+    monkeypatch.setattr(ctl, "PROBE_FRAC", 1.0)
     went_up = 0
     for seed in range(40):
-        c = ctl.Controller("rl", 1e-3, (1e-6, 1.0), 1, (1, 4), seed=seed, probe_frac=1.0)
+        c = ctl.Controller("rl", 1e-3, (1e-6, 1.0), 1, (1, 4), seed=seed)
         c.start(eval_loss=6.0)
         c.step({"tokens": 1000, "eval_loss": first_loss, "progress": 0.01})
         went_up += c.lr_scale > 1
     assert (went_up >= 32) if up else (went_up <= 8), went_up
 
 
-def test_probe_near_ties_go_to_the_lower_lr():
+def test_probe_near_ties_go_to_the_lower_lr(monkeypatch):
     """A trial at 10x that is only 1.5% better than the one at 1x does not win: after one interval a
     too-high lr can look as good as the right one. The run goes on at 1x from its saved weights."""
-    c = make(probe_frac=1.0, probe_trials=2)
+    monkeypatch.setattr(ctl, "PROBE_FRAC", 1.0)
+    monkeypatch.setattr(ctl, "PROBE_TRIALS", 2)
+    c = make()
     c.start(eval_loss=6.0)
     d1 = c.step({"tokens": 1000, "eval_loss": 5.5, "progress": 0.01})  # took off little: go up
     assert d1.save == "best" and d1.load == "init" and c.lr_scale > 1
     d2 = c.step({"tokens": 2000, "eval_loss": 5.5 * (1 - 0.015), "progress": 0.02})
     assert d2.action == "commit" and c.lr_scale == 1.0 and d2.load == "best" and d2.save == ""
-    c = make(probe_frac=1.0, probe_trials=2)
+    c = make()
     c.start(eval_loss=6.0)
     c.step({"tokens": 1000, "eval_loss": 5.5, "progress": 0.01})
     d2 = c.step({"tokens": 2000, "eval_loss": 5.5 * (1 - 0.05), "progress": 0.02})  # clearly better: it wins

@@ -51,7 +51,7 @@ BAD = [
     (lambda t: ["--learning_rate", "nan"], "--learning_rate"),
     (lambda t: ["--deepspeed_config", bad_ds(t, "{not json")], "--deepspeed_config"),
     (lambda t: ["--deepspeed_config", bad_ds(t, '{"optimizer": {"type": "AdamW"}}')], "defines 'optimizer'"),
-    (lambda t: ["--deepspeed_config", bad_ds(t, '{"train_micro_batch_size_per_gpu": 4}')], "must be \"auto\""),
+    (lambda t: ["--deepspeed_config", bad_ds(t, '{"train_micro_batch_size_per_gpu": 4}')], 'must be "auto"'),
     (lambda t: ["--deepspeed_config", bad_ds(t, '{"zero_optimization": {"stage": 7}}')], "stage"),
     (lambda t: ["--deepspeed_config", str(t / "nope.json")], "--deepspeed_config"),
     (lambda t: ["--optimizer", "schedulefree"], "--zero_stage 0"),
@@ -85,7 +85,7 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
     ckpt = tmp_path / "out" / "step_4"
     ckpt.mkdir(parents=True)
     sig = train.run_signature(train.parse_args([])) | {"block_size": 64}
-    (ckpt / "train_state.json").write_text(json.dumps({"signature": sig}))
+    (ckpt / "train_state.json").write_text(json.dumps({"train": {"signature": sig}}))
     with pytest.raises(SystemExit) as e:
         train.main(["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "latest"])
     assert "incompatible run: block_size was 64, now 128" in str(e.value.code)
@@ -94,8 +94,12 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
 def test_block_size_larger_than_the_data(tmp_path):
     f = tmp_path / "tiny.txt"
     f.write_text("To be, or not to be.\n" * 3)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--train_file", str(f), "--output_dir", str(tmp_path / "o")],
-                       capture_output=True, text=True, check=False)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--train_file", str(f), "--output_dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert p.returncode != 0
     assert "fewer than --block_size=128 tokens" in p.stderr.strip().splitlines()[-1]
 
@@ -106,7 +110,9 @@ def fault_launch(tmp_path, env, extra, processes=1, check=True):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     cmd += ["--config_file", os.path.join(ROOT, "accelerate_config.yaml")] if processes > 1 else []
     cmd += [os.path.join(ROOT, "tests", "faulty_run.py"), *TINY, "--output_dir", out, *extra]
-    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=600, check=False)
+    p = subprocess.run(
+        cmd, cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=600, check=False
+    )
     if check and p.returncode != 0:
         raise AssertionError(p.stdout[-3000:] + p.stderr[-3000:])
     return out, p
@@ -159,8 +165,22 @@ def test_fault_on_one_rank_only_is_handled_on_both(tmp_path):
 # ---------------------------------------------------------------- interruption: SIGKILL at any moment, then resume
 def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, text_files):
     train_file, valid_file = text_files
-    common = TINY + ["--max_train_steps", "20", "--train_file", train_file, "--validation_file", valid_file, "--controller", "rl",
-                     "--controller_seed", "2", "--checkpointing_steps", "4", "--save_total_limit", "2"]
+    common = TINY + [
+        "--max_train_steps",
+        "20",
+        "--train_file",
+        train_file,
+        "--validation_file",
+        valid_file,
+        "--controller",
+        "rl",
+        "--controller_seed",
+        "2",
+        "--checkpointing_steps",
+        "4",
+        "--save_total_limit",
+        "2",
+    ]
     ref = str(tmp_path / "ref")
     launch(common + ["--output_dir", ref])
     last = results(ref)["steps"]  # the budget is in tokens: batch-size changes move the last step
@@ -170,13 +190,28 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, text_fil
     out = str(tmp_path / "killed")
     # kill 1: while step_8 is being written (its .tmp exists); kill 2: right after step_16 is complete
     for wait_for in ("step_8.tmp", "step_16"):
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", os.path.join(ROOT, "train.py"), *common,
-               "--output_dir", out, "--overwrite_output_dir"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            os.path.join(ROOT, "train.py"),
+            *common,
+            "--output_dir",
+            out,
+            "--overwrite_output_dir",
+        ]
         if os.path.isdir(os.path.join(out, "step_4")) or os.path.isdir(os.path.join(out, "step_8")):
             cmd[cmd.index("--overwrite_output_dir")] = "--resume_from_checkpoint=latest"
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.time() + 300
-        marks = [os.path.join(out, wait_for), os.path.join(out, wait_for.removesuffix(".tmp"))]  # if the save was too quick to see
+        marks = [
+            os.path.join(out, wait_for),
+            os.path.join(out, wait_for.removesuffix(".tmp")),
+        ]  # if the save was too quick to see
         while not any(os.path.exists(m) for m in marks) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.002)
         os.killpg(proc.pid, signal.SIGKILL)
