@@ -1,247 +1,505 @@
 """Side-by-side evidence that the controller replaces a learning-rate sweep.
 
-Every method runs `accelerate launch train.py` (as a user would) under one token budget,
-with the same data, model and seeds; the table and plots land in --output_dir.
+Every method runs `accelerate launch train.py` (as a user would) under one token budget, with the same data,
+model and seeds; the table (results.md, summary.json) and plots land in --output_dir. One task per invocation;
+finished runs are reused, so an interrupted benchmark continues where it stopped.
 
-    python benchmark.py                          # the default task (about 1 hour on 2 CPU cores)
-    python benchmark.py --quick                  # a reduced version, a few minutes (used by the tests)
-    python benchmark.py --overhead               # the controller's own cost, and rl vs off wall time
-    python benchmark.py --throughput             # train.py vs a bare PyTorch loop, tokens/s
-    python benchmark.py -- --model_name_or_path gpt2 --train_file my.txt   # your own task: flags after -- go to train.py
+    python benchmark.py --task plays --output_dir bench/plays       # the default task (about 1 h on 2 CPU cores)
+    python benchmark.py --task pydocs --output_dir bench/pydocs     # other text, a deeper model, from scratch
+    python benchmark.py --task finetune --output_dir bench/finetune # a train.py-pretrained model on other text
+    python benchmark.py --quick --output_dir /tmp/b                 # a reduced version, a few minutes (the tests)
+    python benchmark.py --overhead                                  # the controller's cost, per model size
+    python benchmark.py --throughput                                # train.py vs a bare PyTorch loop, tokens/s
+    python benchmark.py -- --model_name_or_path gpt2 --train_file my.txt  # your own task: flags after -- go to train.py
 
-Methods, under one token budget (a batch-size change spends tokens, not steps):
-  oracle       warmup + cosine AdamW, no controller, at each lr of --sweep: L* = best final eval loss
-  constant     constant lr from each bad start lr0 (starts = lr* x --start_factors), no controller
+Methods, under one token budget (the tokens the final weights have seen; discarded trials are counted apart):
+  oracle       warmup + cosine AdamW, no controller, at each lr of --sweep: L* = the best mean final eval loss
+  rl           the controller from each start lr0 = lr* x --start_factors (1 = the good start: rl vs off), its
+               search on top of the budget (at most --search_budget more tokens: "1.10x") and inside it ("1.00x")
+  constant     constant lr from each bad start, no controller
   plateau      ReduceLROnPlateau (controller.py's "plateau") from each start, constant base lr
   seed         the design's fixed formulas (controller.py's "seed") on warmup + cosine
-  rl           the learned controller on warmup + cosine
-  lr_find      an lr range test (its steps count in the budget), then warmup + cosine at its lr
+  lr_find      an lr range test (its steps discarded, on top), then warmup + cosine at its lr
   schedulefree Schedule-Free AdamW from each start (its own warmup, constant lr), ZeRO-0
   prodigy      Prodigy at lr 1.0 with warmup + cosine (start-independent)
 """
 
 import argparse
+import ast
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+SWEEP = "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2"
 
 
-def parse_args():
-    argv = sys.argv[1:]
-    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default="bench", help="Where runs, the table (results.md) and plots go.")
-    p.add_argument("--sweep", default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2", help="Oracle grid of learning rates (at least 5 for the real benchmark).")
-    p.add_argument("--start_factors", default="0.0333,0.1,10,30", help="Bad starts, as multiples of the oracle's best lr.")
-    p.add_argument("--starts", default=None, help="Explicit bad starting lrs (comma-separated); replaces --start_factors.")
-    p.add_argument("--methods", default="constant,plateau,seed,rl,lr_find,schedulefree,prodigy", help="Methods to run from the bad starts.")
-    p.add_argument("--seeds", type=int, default=2, help="Seeds for the headline rows (oracle and rl); other rows use the first seed.")
-    p.add_argument("--lr_find_steps", type=int, default=30, help="Steps of the lr_find peer's range test.")
-    p.add_argument("--quick", action="store_true", help="Tiny model, short budget, 2-point sweep, one start: a few minutes.")
-    p.add_argument("--overhead", action="store_true", help="Measure the controller's cost instead.")
-    p.add_argument("--throughput", action="store_true", help="Measure train.py's tokens/s against a bare PyTorch loop instead.")
-    args = p.parse_args(argv)
-    args.passthrough = passthrough
-    if args.quick:
-        args.sweep, args.start_factors, args.seeds = "3e-3,3e-2", "10", 1
-        args.methods, args.lr_find_steps = "constant,rl,prodigy", 6
-        args.passthrough = ["--block_size", "32", "--per_device_train_batch_size", "4", "--max_train_steps", "24",
-                            "--eval_steps", "4", "--controller_interval", "4", "--max_eval_batches", "2", "--num_warmup_steps", "2",
-                            "--config_overrides", "n_layer=1,n_embd=32,n_head=2"] + passthrough
-    return args
+# ----------------------------------------------------------------------------- the tasks
+def pydocs_files(data_dir):
+    """Other text, offline: the docstrings of Python's standard library and pydoc's topics (about 2 MB of
+    technical English), one JSON line per text; every 20th text is held out for validation."""
+    train, valid = os.path.join(data_dir, "pydocs_train.jsonl"), os.path.join(data_dir, "pydocs_valid.jsonl")
+    if os.path.isfile(valid):
+        return train, valid
+    import pydoc_data.topics
+
+    lib, docs = sysconfig.get_paths()["stdlib"], []
+    for d, dirs, names in os.walk(lib):
+        dirs[:] = sorted(x for x in dirs if x not in ("test", "tests", "idlelib", "site-packages", "__pycache__"))
+        for name in sorted(n for n in names if n.endswith(".py")):
+            try:
+                with open(os.path.join(d, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)))
+            docs += [doc for doc in map(ast.get_docstring, nodes) if doc and len(doc) > 40]
+    docs += [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    os.makedirs(data_dir, exist_ok=True)
+    for path, keep in ((train, lambda i: i % 20), (valid, lambda i: not i % 20)):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for i, t in enumerate(docs) if keep(i))
+        os.replace(path + ".tmp", path)
+    return train, valid
+
+
+def task_flags(args):
+    """train.py flags of the task (before --learning_rate and the method's own)."""
+    if args.task == "plays":
+        return []
+    data = os.path.join(args.output_dir, "data")
+    train, valid = pydocs_files(data)
+    if args.task == "pydocs":  # from scratch, other text, a deeper and narrower model
+        return ["--train_file", train, "--validation_file", valid, "--config_overrides", "n_layer=6,n_embd=96,n_head=4"]
+    base = os.path.join(data, "plays-model")  # finetune: the default model pretrained on the plays by train.py
+    if not os.path.isfile(os.path.join(base, "model.safetensors")):
+        print(f"== pretraining the model to fine-tune: train.py on the plays, {args.pretrain_steps} steps -> {base}")
+        launch(
+            args,
+            [
+                "--output_dir",
+                base,
+                "--overwrite_output_dir",
+                "--controller",
+                "off",
+                "--sample_tokens",
+                "0",
+                "--max_train_steps",
+                str(args.pretrain_steps),
+            ],
+            threads=2,
+        )
+    return ["--model_name_or_path", base, "--train_file", train, "--validation_file", valid, "--max_train_steps", "200"]
+
+
+# ----------------------------------------------------------------------------- running train.py
+def launch(args, flags, threads):
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        os.path.join(ROOT, "train.py"),
+        "--cpu_threads",
+        str(threads),
+        *flags,
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        sys.exit(
+            f"benchmark.py: error: a train.py run failed (exit {p.returncode}): {' '.join(flags)}\n{p.stderr[-3000:]}"
+        )
 
 
 def run(args, name, flags):
-    """One `accelerate launch train.py` run; returns (results, metrics rows, wall seconds). Reuses a finished run."""
+    """One `accelerate launch train.py` run (reused if it already finished with the same flags); returns
+    (results, metrics rows)."""
     out = os.path.join(args.output_dir, name)
+    flags = flags + args.task_flags + args.passthrough
     if os.path.isfile(os.path.join(out, "results.json")) and os.path.isfile(os.path.join(out, "flags.json")):
         with open(os.path.join(out, "flags.json")) as f:
-            if json.load(f) == flags + args.passthrough:
+            if json.load(f) == flags:
                 return load(out)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", os.path.join(ROOT, "train.py"),
-           "--output_dir", out, "--overwrite_output_dir", "--sample_tokens", "0", *flags, *args.passthrough]
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if p.returncode != 0:
-        sys.exit(f"benchmark.py: error: run {name} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    launch(args, ["--output_dir", out, "--overwrite_output_dir", "--sample_tokens", "0", *flags], args.threads)
     with open(os.path.join(out, "flags.json"), "w") as f:
-        json.dump(flags + args.passthrough, f)
-    with open(os.path.join(out, "launch_wall_s.txt"), "w") as f:
-        f.write(str(time.time() - t))
-    res, rows, _ = load(out)
-    print(f"  {name:32s} eval_loss {res['eval_loss']:.4f}  wall {res['wall_s']:.0f}s  tokens {res['tokens_seen']:,}", flush=True)
-    return res, rows, res["wall_s"]
+        json.dump(flags, f)
+    res, rows = load(out)
+    print(
+        f"  {name:36s} eval_loss {res['eval_loss']:.4f}  tokens {res['tokens_seen']:,}  {time.time() - t:.0f}s",
+        flush=True,
+    )
+    return res, rows
 
 
 def load(out):
     with open(os.path.join(out, "results.json")) as f:
         res = json.load(f)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return res, rows, res["wall_s"]
+        return res, [json.loads(line) for line in f]
 
 
-def fmt_lr(x):
+def run_all(args, jobs):
+    """jobs: {key: (name, flags)}; runs them --jobs at a time; returns {key: (results, rows)}."""
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = {k: pool.submit(run, args, name, flags) for k, (name, flags) in jobs.items()}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def fmt(x):
     return f"{x:.2g}"
 
 
+METHODS = {
+    "rl": lambda lr: ["--learning_rate", str(lr), "--controller", "rl"],
+    "rl (1.00x)": lambda lr: ["--learning_rate", str(lr), "--controller", "rl", "--search_in_budget"],
+    "constant": lambda lr: [
+        "--learning_rate",
+        str(lr),
+        "--controller",
+        "off",
+        "--lr_scheduler_type",
+        "constant_with_warmup",
+    ],
+    "plateau": lambda lr: [
+        "--learning_rate",
+        str(lr),
+        "--controller",
+        "plateau",
+        "--lr_scheduler_type",
+        "constant_with_warmup",
+    ],
+    "seed": lambda lr: ["--learning_rate", str(lr), "--controller", "seed"],
+    "lr_find": lambda lr: ["--learning_rate", str(lr), "--controller", "off", "--lr_find_steps", "30"],
+    "schedulefree": lambda lr: [
+        "--learning_rate",
+        str(lr),
+        "--controller",
+        "off",
+        "--optimizer",
+        "schedulefree",
+        "--lr_scheduler_type",
+        "constant",
+        "--zero_stage",
+        "0",
+    ],
+    "prodigy": lambda lr: ["--learning_rate", "1.0", "--controller", "off", "--optimizer", "prodigy"],
+}
+HEADLINE = ("rl", "rl (1.00x)")  # every seed; the others one seed unless they come close to L*
+
+
+# ----------------------------------------------------------------------------- the comparison
 def comparison(args):
     os.makedirs(args.output_dir, exist_ok=True)
+    t0 = time.time()
+    args.task_flags = task_flags(args)
     seeds = list(range(args.seeds))
     sweep = [float(x) for x in args.sweep.split(",")]
-    print(f"== oracle sweep over {len(sweep)} learning rates x {len(seeds)} seeds")
-    oracle = {lr: [run(args, f"oracle_lr{fmt_lr(lr)}_s{s}", ["--learning_rate", str(lr), "--controller", "off", "--seed", str(s)]) for s in seeds]
-              for lr in sweep}
-    mean = {lr: statistics.mean(r[0]["eval_loss"] for r in runs) for lr, runs in oracle.items()}
-    lr_star = min(mean, key=mean.get)
+    print(f"== {args.task}: oracle sweep over {len(sweep)} learning rates (seed 0)")
+    oracle = run_all(
+        args, {lr: (f"oracle_lr{fmt(lr)}_s0", METHODS["constant"](lr)[:4] + ["--seed", "0"]) for lr in sweep}
+    )
+    lr_star = min(oracle, key=lambda lr: oracle[lr][0]["eval_loss"])
+    print(f"== more seeds at lr* = {lr_star:g} and its neighbours")  # the pick of lr* itself rests on 3 seeds
+    near = [lr for lr in sweep if abs(math.log10(lr / lr_star)) < 0.6]
+    more = run_all(
+        args,
+        {
+            (lr, s): (f"oracle_lr{fmt(lr)}_s{s}", METHODS["constant"](lr)[:4] + ["--seed", str(s)])
+            for lr in near
+            for s in seeds[1:]
+        },
+    )
+    by_seed = {lr: {0: oracle[lr]} | {s: more[(lr, s)] for s in seeds[1:] if (lr, s) in more} for lr in sweep}
+    mean = {lr: statistics.mean(r[0]["eval_loss"] for r in by_seed[lr].values()) for lr in sweep}
+    lr_star = min(near, key=mean.get)
     l_star = mean[lr_star]
-    oracle_wall = statistics.mean(r[2] for r in oracle[lr_star])
-    oracle_tokens = oracle[lr_star][0][0]["tokens_seen"]
-    print(f"L* = {l_star:.4f} at lr* = {lr_star:g}")
-    starts = [float(x) for x in args.starts.split(",")] if args.starts else [lr_star * float(f) for f in args.start_factors.split(",")]
-    methods = args.methods.split(",")
-    flags = {
-        "constant": lambda lr: ["--learning_rate", str(lr), "--controller", "off", "--lr_scheduler_type", "constant_with_warmup"],
-        "plateau": lambda lr: ["--learning_rate", str(lr), "--controller", "plateau", "--lr_scheduler_type", "constant_with_warmup"],
-        "seed": lambda lr: ["--learning_rate", str(lr), "--controller", "seed"],
-        "rl": lambda lr: ["--learning_rate", str(lr), "--controller", "rl"],
-        "lr_find": lambda lr: ["--learning_rate", str(lr), "--controller", "off", "--lr_find_steps", str(args.lr_find_steps)],
-        "schedulefree": lambda lr: ["--learning_rate", str(lr), "--controller", "off", "--optimizer", "schedulefree",
-                                    "--lr_scheduler_type", "constant", "--zero_stage", "0"],
-        "prodigy": lambda lr: ["--learning_rate", "1.0", "--controller", "off", "--optimizer", "prodigy"],
-    }
-    table = [("oracle (best of sweep)", "lr*=" + fmt_lr(lr_star), oracle[lr_star])]
-    runs_by = {}
+    starts = [lr_star * float(f) for f in args.start_factors.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    jobs = {}
+    bad = [lr0 for lr0 in starts if abs(lr0 / lr_star - 1) > 1e-9]  # at the good start only rl (vs the oracle = off)
     for lr0 in starts:
-        print(f"== start lr0 = {lr0:.3g} ({lr0 / lr_star:.3g} x lr*)")
         for m in methods:
-            if m == "prodigy" and "prodigy" in runs_by:
-                continue  # start-independent: one row
-            ss = seeds if m == "rl" else seeds[:1]
-            key = "prodigy" if m == "prodigy" else f"{m}_lr{fmt_lr(lr0)}"
-            runs_by[key] = [run(args, f"{key}_s{s}", flags[m](lr0) + ["--seed", str(s)]) for s in ss]
-            table.append((m, "lr=1.0" if m == "prodigy" else f"{fmt_lr(lr0)} ({lr0 / lr_star:.2g}x)", runs_by[key]))
+            if (m not in HEADLINE and lr0 not in bad) or (m == "prodigy" and lr0 != bad[0]):
+                continue  # prodigy is start-independent: one row
+            for s in seeds if m in HEADLINE else seeds[:1]:
+                key = "prodigy" if m == "prodigy" else f"{m.replace(' (1.00x)', '_in')}_lr{fmt(lr0)}"
+                jobs[(m, lr0, s)] = (f"{key}_s{s}", METHODS[m](lr0) + ["--seed", str(s)])
+    print(f"== {len(jobs)} runs from the starts {', '.join(fmt(x) for x in starts)}")
+    runs = run_all(args, jobs)
+    # a one-seed row that comes within 3x the oracle's seed spread of L* gets the other seeds too
+    spread = statistics.stdev(r[0]["eval_loss"] for r in by_seed[lr_star].values()) if len(seeds) > 1 else 0.0
+    close = {
+        (m, lr0)
+        for (m, lr0, s), r in runs.items()
+        if s == 0 and m not in HEADLINE and r[0]["eval_loss"] - l_star < 3 * spread
+    }
+    runs |= run_all(
+        args,
+        {
+            (m, lr0, s): (jobs[(m, lr0, 0)][0][:-1] + str(s), jobs[(m, lr0, 0)][1][:-2] + ["--seed", str(s)])
+            for m, lr0 in close
+            for s in seeds[1:]
+        },
+    )
+    table = summarize(args, sweep, mean, lr_star, l_star, by_seed, runs, starts, methods, time.time() - t0)
+    plot(args, starts, lr_star, by_seed, runs)
+    return table
 
-    # cost in training tokens (exact, the same on any machine); wall seconds are as measured, and noisy on a shared machine
-    lines = ["| method | start | final eval loss (mean, min-max over seeds) | seeds | gap to L* | wall s | tokens | cost vs one oracle run (tokens) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for m, start, runs in table:
-        losses = [r[0]["eval_loss"] for r in runs]
-        walls = [r[2] for r in runs]
-        mu = statistics.mean(losses)
-        spread = f"{min(losses):.4f}-{max(losses):.4f}" if len(losses) > 1 else "-"
-        lines.append(f"| {m} | {start} | {mu:.4f} ({spread}) | {len(losses)} | {100 * (mu - l_star) / l_star:+.1f}% | "
-                     f"{statistics.mean(walls):.0f} | {runs[0][0]['tokens_seen']:,} | {runs[0][0]['tokens_seen'] / oracle_tokens:.2f}x |")
-    sweep_line = ", ".join(f"{lr:g}: {mean[lr]:.4f}" for lr in sweep)
-    text = (f"Oracle sweep (mean final eval loss over {len(seeds)} seeds): {sweep_line}\n\n"
-            f"L* = {l_star:.4f} at lr* = {lr_star:g}; one oracle run = {oracle_wall:.0f} s, {oracle_tokens:,} tokens; "
-            f"the sweep itself costs {len(sweep)}x one run ({len(sweep) * oracle_tokens:,} tokens) per seed.\n\n" + "\n".join(lines) + "\n")
+
+def summarize(args, sweep, mean, lr_star, l_star, by_seed, runs, starts, methods, wall):
+    """results.md and summary.json: mean +- standard deviation over seeds, gap to L*, and the paired difference
+    to the oracle at lr* with the same seed."""
+    oracle = {s: r[0]["eval_loss"] for s, r in by_seed[lr_star].items()}
+    budget = by_seed[lr_star][0][0]["tokens_kept"]
+    rows, out = [], []
+
+    def row(method, start, results):
+        losses = {s: r[0]["eval_loss"] for s, r in results.items()}
+        vals = list(losses.values())
+        mu = statistics.mean(vals)
+        sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
+        paired = [100 * (losses[s] - oracle[s]) / oracle[s] for s in sorted(losses) if s in oracle]
+        cost = max(r[0]["tokens_seen"] for r in results.values()) / budget
+        pm = f"{statistics.mean(paired):+.1f}%" + (
+            f" ({', '.join(f'{p:+.1f}' for p in paired)})" if len(paired) > 1 else ""
+        )
+        rows.append(
+            f"| {method} | {start} | {len(vals)} | {mu:.4f} | {sd:.4f} | {100 * (mu - l_star) / l_star:+.1f}% | "
+            f"{pm} | {cost:.2f}x |"
+        )
+        out.append(
+            {
+                "method": method,
+                "start": start,
+                "eval_loss": losses,
+                "mean": mu,
+                "std": sd,
+                "gap_pct": 100 * (mu - l_star) / l_star,
+                "paired_pct": paired,
+                "cost": cost,
+            }
+        )
+
+    row("oracle (best of sweep)", f"lr*={fmt(lr_star)}", by_seed[lr_star])
+    for lr0 in starts:
+        for m in methods:
+            res = {s: r for (mm, l0, s), r in runs.items() if mm == m and l0 == lr0}
+            if res:
+                row(m, "lr=1.0" if m == "prodigy" else f"{fmt(lr0)} ({lr0 / lr_star:.2g}x)", res)
+    sweep_line = ", ".join(f"{lr:g}: {mean[lr]:.4f} ({len(by_seed[lr])})" for lr in sweep)
+    head = (
+        "| method | start | seeds | final eval loss (mean) | std | gap to L* | paired vs oracle at lr*, same seeds "
+        "(mean; per seed) | tokens spent / budget |\n|---|---|---|---|---|---|---|---|"
+    )
+    text = (
+        f"Task {args.task}. Oracle sweep, final eval loss on the whole validation split (mean over the seeds in "
+        f"brackets): {sweep_line}\n\nL* = {l_star:.4f} at lr* = {lr_star:g}; the budget is {budget:,} tokens; the "
+        f"sweep costs {len(sweep)}x that per seed. Wall time of this benchmark: {wall / 60:.0f} min "
+        f"({args.jobs} runs at a time, {args.threads} thread(s) each).\n\n{head}\n" + "\n".join(rows) + "\n"
+    )
     print(text)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(text)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
-        json.dump({"l_star": l_star, "lr_star": lr_star, "sweep": mean,
-                   "rows": [{"method": m, "start": s, "eval_loss": [r[0]["eval_loss"] for r in runs], "wall_s": [r[2] for r in runs]}
-                            for m, s, runs in table]}, f, indent=1)
-    plot(args, starts, lr_star, oracle, runs_by, methods)
+        json.dump(
+            {
+                "task": args.task,
+                "l_star": l_star,
+                "lr_star": lr_star,
+                "sweep": {str(k): v for k, v in mean.items()},
+                "rows": out,
+            },
+            f,
+            indent=1,
+        )
+    return text
 
 
-def plot(args, starts, lr_star, oracle, runs_by, methods):
+def plot(args, starts, lr_star, by_seed, runs):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(starts), figsize=(5 * len(starts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(starts), figsize=(4.5 * len(starts), 3.8), squeeze=False)
+    ref = by_seed[lr_star][0][1]
     for ax, lr0 in zip(axes[0], starts):
-        rows = oracle[lr_star][0][1]
-        ax.plot([r["tokens_seen"] for r in rows], [r["eval_loss"] for r in rows], "k--", label=f"oracle lr*={lr_star:g}")
-        for m in methods:
-            key = "prodigy" if m == "prodigy" else f"{m}_lr{fmt_lr(lr0)}"
-            if key in runs_by:
-                rows = runs_by[key][0][1]
-                ax.plot([r["tokens_seen"] for r in rows], [r["eval_loss"] for r in rows], label=m)
-        ax.set(title=f"start lr0 = {lr0:.2g}", xlabel="tokens", ylabel="eval loss", ylim=(None, min(4.0, ax.get_ylim()[1])))
-        ax.legend(fontsize=7)
+        ax.plot(
+            [r["tokens_kept"] for r in ref], [r["eval_loss"] for r in ref], "k--", label=f"oracle lr*={fmt(lr_star)}"
+        )
+        for (m, l0, s), (_, rows) in sorted(runs.items(), key=lambda kv: kv[0][0]):
+            if l0 == lr0 and s == 0:
+                rows = [r for r in rows if "eval_loss" in r and not r.get("controller/cool")]
+                ax.plot([r["tokens_kept"] for r in rows], [r["eval_loss"] for r in rows], label=m, lw=1)
+        ax.set(title=f"start {fmt(lr0)} ({lr0 / lr_star:.2g}x lr*)", xlabel="tokens kept", ylabel="eval loss")
+        ax.set_ylim(None, min(4.0, ax.get_ylim()[1]))
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(os.path.join(args.output_dir, "eval_loss.png"), dpi=80)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    rows = oracle[lr_star][0][1]
-    axes[0].semilogy([r["tokens_seen"] for r in rows], [r["lr"] for r in rows], "k--", label="oracle schedule")
-    for lr0 in starts:
-        key = f"rl_lr{fmt_lr(lr0)}"
-        if key in runs_by:
-            rows = runs_by[key][0][1]
-            axes[0].semilogy([r["tokens_seen"] for r in rows], [r["lr"] for r in rows], marker=".", label=f"rl from {lr0:.2g}")
-            axes[1].plot([r["tokens_seen"] for r in rows], [r["effective_batch_size"] for r in rows], marker=".", label=f"rl from {lr0:.2g}")
-    axes[0].set(title="learning rate (at each evaluation)", xlabel="tokens")
-    axes[1].set(title="effective batch size (sequences)", xlabel="tokens")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (m, lr0, s), (_, rows) in runs.items():
+        if m == "rl" and s == 0:
+            pts = [(r["tokens_seen"], r["lr"]) for r in rows if "lr" in r and not r.get("controller/cool")]
+            ax.semilogy(*zip(*pts), marker=".", label=f"rl from {fmt(lr0)}")
+    ax.axhline(lr_star, color="k", ls="--", lw=0.8)
+    ax.set(title="rl: learning rate at each evaluation (lr* dashed)", xlabel="tokens spent")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(args.output_dir, "controller_trajectories.png"), dpi=80)
     plt.close("all")
 
 
+# ----------------------------------------------------------------------------- overhead and throughput
+SIZES = {
+    "0.86M": [],
+    "25M": ["--config_overrides", "n_layer=8,n_embd=512,n_head=8"],
+    "124M": ["--config_overrides", "n_layer=12,n_embd=768,n_head=12"],
+}
+
+
 def overhead(args):
-    """One decision's cost (pure Python), and the wall time of rl vs off for the same steps."""
+    """Per model size: one rl decision's cost, and rl vs off at equal tokens: wall time, peak memory, bytes
+    written, checkpoint size (during the search and after it)."""
     sys.path.insert(0, ROOT)
     import controller as ctl
 
-    c = ctl.Controller("rl", 1e-3, (1e-5, 1e-1), 1, (1, 4), probe_trials=0)
-    n = 2000
-    t = time.perf_counter()
+    c = ctl.Controller("rl", 1e-3, (1e-5, 1e-1), 1, (1, 4), budget_tokens=10**9, interval=20)
+    c.start(5.0)
+    n, t = 2000, time.perf_counter()
     for i in range(n):
-        c.step({"tokens": 1000 * (i + 1), "eval_loss": 3.0 - 1e-4 * i, "progress": i / n})
+        c.step(ctl.Observation(tokens=1000 * (i + 1), eval_loss=3.0 - 1e-4 * i, hypergradient=-0.01))
     per = (time.perf_counter() - t) / n
     print(f"one rl decision: {per * 1e6:.1f} us (mean of {n})")
-    os.makedirs(args.output_dir, exist_ok=True)
-    walls = {}
-    for pol in ("off", "rl", "off", "rl"):  # interleaved, so drift in machine load hits both
-        res, _, _ = run(args, f"overhead_{pol}_{len(walls.get(pol, []))}", ["--controller", pol, "--seed", "0"])
-        walls.setdefault(pol, []).append(res["wall_s"])
-    ratio = statistics.mean(walls["rl"]) / statistics.mean(walls["off"])
-    print(f"wall time rl / off, same steps: {ratio:.3f} (rl {walls['rl']}, off {walls['off']})")
+    args.task_flags, lines = [], []
+    report = {"decision_us": per * 1e6, "sizes": {}}
+    for size in args.sizes.split(","):
+        steps, interval = (40, 10) if size == "0.86M" else (40, 10) if size == "25M" else (12, 4)
+        common = SIZES[size] + [
+            "--per_device_train_batch_size",
+            "4",
+            "--max_train_steps",
+            str(steps),
+            "--eval_steps",
+            str(interval),
+            "--controller_interval",
+            str(interval),
+            "--checkpointing_steps",
+            str(interval),
+            "--num_warmup_steps",
+            str(interval // 2),
+            "--final_eval_batches",
+            "8",
+            "--seed",
+            "0",
+        ]
+        res = {}
+        for i, pol in enumerate(["off", "rl", "off", "rl"][: 2 * args.repeats]):  # interleaved against drift
+            res.setdefault(pol, []).append(run(args, f"overhead_{size}_{pol}_{i // 2}", common + ["--controller", pol]))
+        off, rl = res["off"], res["rl"]
+        ratio = statistics.mean(r[0]["wall_s"] for r in rl) / statistics.mean(r[0]["wall_s"] for r in off)
+        ck = {p: checkpoint_sizes(os.path.join(args.output_dir, f"overhead_{size}_{p}_0")) for p in ("off", "rl")}
+        first, last = min(ck["rl"]), max(ck["rl"])
+        report["sizes"][size] = {
+            "wall_rl_over_off": ratio,
+            "wall_s": {p: [r[0]["wall_s"] for r in res[p]] for p in res},
+            "peak_memory_mb": {p: res[p][0][0]["peak_memory_mb"] for p in res},
+            "bytes_written": {p: res[p][0][0].get("bytes_written") for p in res},
+            "checkpoint_bytes": ck,
+        }
+        r_off, r_rl = res["off"][0][0], res["rl"][0][0]
+        lines.append(
+            f"| {size} | {ratio:.3f} | {r_off['peak_memory_mb']:.0f} / {r_rl['peak_memory_mb']:.0f}"
+            f" | {mb(r_off.get('bytes_written'))} / {mb(r_rl.get('bytes_written'))} | "
+            f"{ck['rl'][first] / ck['off'][first]:.2f}x (step {first}) | {ck['rl'][last] / ck['off'][last]:.2f}x "
+            f"(step {last}) |"
+        )
+    text = (
+        "| model | wall rl / off | peak RSS MB off / rl | MB written off / rl | step_N rl / off, first | "
+        "last |\n|---|---|---|---|---|---|\n" + "\n".join(lines)
+    )
+    print(text)
     with open(os.path.join(args.output_dir, "overhead.json"), "w") as f:
-        json.dump({"decision_us": per * 1e6, "wall_rl_over_off": ratio, "walls": walls}, f, indent=1)
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.output_dir, "overhead.md"), "w") as f:
+        f.write(text + "\n")
+
+
+def mb(x):
+    return "-" if x is None else f"{x / 2**20:.0f}"
+
+
+def checkpoint_sizes(out):
+    """{step: bytes} of the step_N checkpoints of a run, files counted once (hard links are not copies)."""
+    sizes, seen = {}, set()
+    for name in sorted(
+        (n for n in os.listdir(out) if n.startswith("step_") and n[5:].isdigit()), key=lambda n: int(n[5:])
+    ):
+        total = 0
+        for d, _, files in os.walk(os.path.join(out, name)):
+            for f in files:
+                st = os.stat(os.path.join(d, f))
+                total += 0 if (st.st_dev, st.st_ino) in seen else st.st_size
+                seen.add((st.st_dev, st.st_ino))
+        sizes[int(name[5:])] = total
+    return sizes
 
 
 def throughput(args):
-    """train.py's training tokens/s (evaluation excluded) against a bare PyTorch loop with the same model,
-    batch and threads (forward, backward, clip, AdamW step), measured side by side."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    steps = 150
-    flags = ["--controller", "off", "--max_train_steps", str(steps), "--eval_steps", str(steps), "--max_eval_batches", "1"]
+    """train.py's training tokens/s (evaluation excluded) against a bare PyTorch loop with the same model, batch and
+    threads (forward, backward, clip, AdamW step), measured side by side, interleaved."""
+    args.task_flags = []
+    steps, threads = 150, len(os.sched_getaffinity(0))
+    flags = [
+        "--controller",
+        "off",
+        "--max_train_steps",
+        str(steps),
+        "--eval_steps",
+        str(steps),
+        "--max_eval_batches",
+        "1",
+        "--final_eval_batches",
+        "1",
+    ]
     bare, ours = [], []
-    for i in range(2):  # interleaved
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmark.py"), "--bare_loop", str(steps)], capture_output=True,
-                             text=True, check=True).stdout
-        bare.append(float(out.split()[-1]))
-        res, _, _ = run(args, f"throughput_{i}", flags)
-        ours.append(res["train_tokens_per_s"])
+    for i in range(args.repeats):
+        cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--bare_loop", str(steps)]
+        bare.append(float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1]))
+        args.threads = threads
+        ours.append(run(args, f"throughput_{i}", flags)[0]["train_tokens_per_s"])
     ratio = statistics.mean(ours) / statistics.mean(bare)
-    print(f"tokens/s: train.py {ours}, bare loop {bare}; ratio {ratio:.3f}")
+    print(f"tokens/s: train.py {[round(x) for x in ours]}, bare loop {[round(x) for x in bare]}; ratio {ratio:.3f}")
     with open(os.path.join(args.output_dir, "throughput.json"), "w") as f:
         json.dump({"train_py": ours, "bare": bare, "ratio": ratio}, f, indent=1)
 
 
 def bare_loop(steps):
     """The reference: the default model and batch in a plain loop, same threads, no Accelerate, no DeepSpeed."""
-    sys.path.insert(0, ROOT)
     import torch
     from transformers import AutoModelForCausalLM, ByT5Tokenizer, GPT2Config
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     tok = ByT5Tokenizer()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
-                                                        attn_pdrop=0.0, vocab_size=len(tok)))
+    config = GPT2Config(
+        n_embd=128,
+        n_layer=4,
+        n_head=4,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        vocab_size=len(tok),
+    )
+    model = AutoModelForCausalLM.from_config(config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
     data = torch.randint(3, 259, (steps, 16, 128))
     t0 = time.perf_counter()  # every step timed, as train.py's train_tokens_per_s does
@@ -251,7 +509,58 @@ def bare_loop(steps):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
+        loss.item()  # train.py syncs once per step too
     print(f"bare tokens/s {steps * 16 * 128 / (time.perf_counter() - t0):.1f}")
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args():
+    argv = sys.argv[1:]
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="plays", choices=["plays", "pydocs", "finetune"], help="The built-in task.")
+    p.add_argument("--output_dir", default="bench", help="Where runs, the table (results.md) and plots go.")
+    p.add_argument("--sweep", default=SWEEP, help="Oracle grid of learning rates (at least 5 for the real benchmark).")
+    p.add_argument("--start_factors", default="0.0333,0.1,1,10,30", help="Starts, as multiples of the oracle's lr*.")
+    p.add_argument("--methods", default=",".join(METHODS), help="Methods to run from the starts.")
+    p.add_argument("--seeds", type=int, default=3, help="Seeds for the oracle at lr* and the rl rows.")
+    p.add_argument("--jobs", type=int, default=2, help="train.py runs at a time.")
+    p.add_argument("--threads", type=int, default=0, help="Torch threads per run (0: cores / jobs).")
+    p.add_argument("--pretrain_steps", type=int, default=1600, help="finetune: steps of the pretraining on the plays.")
+    p.add_argument("--quick", action="store_true", help="Tiny model, short budget, 2-point sweep: a few minutes.")
+    p.add_argument("--overhead", action="store_true", help="Measure the controller's cost instead.")
+    p.add_argument("--sizes", default="0.86M,25M", help="--overhead: model sizes, of " + ", ".join(SIZES))
+    p.add_argument("--throughput", action="store_true", help="Measure train.py's tokens/s against a bare loop instead.")
+    p.add_argument("--repeats", type=int, default=2, help="--overhead/--throughput: interleaved repeats.")
+    args = p.parse_args(argv)
+    args.passthrough = passthrough
+    args.threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
+    if args.quick:
+        args.sweep, args.start_factors, args.seeds, args.pretrain_steps = "3e-3,3e-2", "1,10", 2, 40
+        args.methods = "rl,rl (1.00x),constant,prodigy"
+        args.passthrough = [
+            "--block_size",
+            "32",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_train_steps",
+            "24",
+            "--eval_steps",
+            "4",
+            "--controller_interval",
+            "4",
+            "--max_eval_batches",
+            "2",
+            "--num_warmup_steps",
+            "2",
+            "--config_overrides",
+            "n_layer=1,n_embd=32,n_head=2",
+            "--search_budget",
+            "0.5",
+            *passthrough,
+        ]
+    return args
 
 
 if __name__ == "__main__":
@@ -259,9 +568,5 @@ if __name__ == "__main__":
         bare_loop(int(sys.argv[2]))
     else:
         a = parse_args()
-        if a.overhead:
-            overhead(a)
-        elif a.throughput:
-            throughput(a)
-        else:
-            comparison(a)
+        os.makedirs(a.output_dir, exist_ok=True)
+        overhead(a) if a.overhead else throughput(a) if a.throughput else comparison(a)

@@ -1,22 +1,24 @@
 """A reinforcement-learning controller for the learning rate and the batch size.
 
-Pure Python (standard library only): functions take numbers and return numbers, and the
-Controller keeps its state in plain attributes with state_dict()/load_state_dict().
-Copy this file into any training loop. Every N optimizer steps the loop evaluates, then calls
+Pure Python (standard library only): functions take numbers and return numbers, and the Controller
+keeps its state in plain attributes with state_dict()/load_state_dict(). Copy this file into any
+training loop. The loop runs one segment of optimizer steps at a time, evaluates, and asks:
 
-    decision = ctrl.step(Observation(tokens=tokens_spent, eval_loss=val_loss, progress=frac))
+    d = ctrl.start(initial_eval_loss)           # once; then for every segment:
+    for i in range(d.steps or interval):        # d.steps: this segment's length (0: the loop's interval)
+        lr = base_lr * schedule(kept_tokens) * d.lr_at(i, n)   # d.lr_at: the controller's multiplier
+        ... d.grad_accum micro-batches, backward, optimizer step
+    d = ctrl.step(Observation(tokens=tokens_spent, eval_loss=val_loss, progress=kept_tokens / budget))
 
-and applies decision.lr_scale (a multiplier on top of its own lr schedule),
-decision.grad_accum (gradient-accumulation steps, i.e. the batch size),
-decision.save / decision.load (save the weights + optimizer state under a slot name,
-then reload a slot: a rollback) and decision.stop. Call ctrl.start() once before
-training and apply its save.
+and applies each decision's slots: d.save (save weights + optimizer state + data position under a
+name), then d.load (load a slot: a rollback), then d.drop (free slots no longer needed).
 
-The loop (state -> action -> reward -> policy update):
-  state   where training stands: eval loss and its trend, progress, current lr scale and batch
-  action  a change of lr and/or batch size (and, in the opening, a trial from an anchor)
-  reward  the eval-loss improvement per token spent, compute_reward(); a non-finite or
-          exploding loss earns -1
+The design's loop (state -> action -> reward -> policy update, once per segment):
+  state   where training stands: eval loss, progress, the lr multiplier and batch, the trials so far
+  action  a change of lr and/or batch size; in the search, a trial of an lr from a saved point
+          (the rollback is the action's first half)
+  reward  the eval-loss improvement per token (compute_reward); in the search, a trial's improvement
+          over the best trial, both compared after a short cooldown on identical batches
   update  REINFORCE with a baseline: theta += eta * (R - b) * grad log pi(a | s)
 
 Policies (POLICIES): "rl" (learned, below), "seed" (the design's fixed formulas),
@@ -64,14 +66,14 @@ def update_learning_rate(lr, reward, alpha=2.0, lr_min=0.0, lr_max=math.inf):
 def update_batch_size(prev, reward, max_reward=MAX_REWARD, multiple=1, lo=1, hi=None):
     """New batch size (sequences, or accumulation steps with multiple=1) after a reward.
 
-    The design's prev * reward / max_reward is 0 or negative for reward <= 0, can only
-    shrink the batch, and ignores that the batch must be a multiple of
-    micro batch x processes. Fixed: prev * 2 ** (reward / max_reward), a factor in
-    [1/2, 2] that is 1 at reward 0, rounded to the nearest multiple of `multiple`,
-    clamped to [lo, hi], never below `multiple`.
+    The design: a positive reward shrinks the batch (progress is cheap: take more, smaller steps) and a
+    negative one grows it (damp the noise), as bs * reward / max_reward does for 0 < reward < max_reward;
+    but that formula is 0 or negative for reward <= 0 and ignores that the batch must be a multiple of
+    micro batch x processes. Fixed: prev * 2 ** (-reward / max_reward), a factor in [1/2, 2] that is 1
+    at reward 0, rounded to the nearest multiple of `multiple`, clamped to [lo, hi], never below `multiple`.
     """
     r = max(-max_reward, min(max_reward, reward)) / max_reward
-    new = prev * 2.0**r
+    new = prev * 2.0**-r
     new = max(multiple, round(new / multiple) * multiple)
     new = max(new, lo)
     return min(new, hi) if hi is not None else new
@@ -119,41 +121,89 @@ def softmax(logits):
     return [v / s for v in e]
 
 
+def sample(rng, probs):
+    """Index drawn from `probs` with the controller's own random.Random."""
+    u, acc = rng.random(), 0.0
+    for i, p in enumerate(probs):
+        acc += p
+        if u <= acc:
+            return i
+    return len(probs) - 1
+
+
 # ---------------------------------------------------------------- what the loop passes in and gets back
 @dataclasses.dataclass
 class Observation:
-    tokens: int  # training tokens spent so far, discarded trials included
+    tokens: int  # training tokens spent so far, discarded segments included (the cost)
     eval_loss: float  # validation loss of the current weights (nats/token); inf if not finite
-    progress: float = 0.0  # fraction of the token budget spent, 0..1
+    progress: float = 0.0  # share of the run done: tokens in the current weights' history / the budget
     nonfinite_steps: int = 0  # optimizer steps skipped as non-finite so far (a running count)
+    # over the second half of the segment, when the decision asked for it (d.measure): the cosine of the gradient
+    # g_t and the previous update u_{t-1}; < 0 means a larger lr would have lowered the loss
+    hypergradient: float = None
 
 
 @dataclasses.dataclass
 class Decision:
-    lr_scale: float  # multiplier on the loop's own lr schedule
+    lr_scale: float  # multiplier on the loop's own lr schedule for the next segment
     grad_accum: int  # gradient-accumulation steps from now on
+    steps: int = 0  # optimizer steps in the next segment (0: the loop's interval)
+    ramp_from: float = -1.0  # >= 0: the multiplier rises linearly from this to lr_scale over the first half
+    cool: bool = False  # a cooldown: the multiplier falls linearly from lr_scale towards 0 over the segment
     action: str = "keep"
     reward: float = 0.0
-    save: str = ""  # save the current weights + optimizer state under this slot name ("" = no)
-    load: str = ""  # then reload the weights + optimizer state of this slot (a rollback)
+    save: str = ""  # save weights + optimizer state + data position under this slot name ("" = no)
+    load: str = ""  # then load this slot (a rollback; the data position goes back too)
+    drop: tuple = ()  # then free these slots
+    measure: bool = False  # measure the gradient statistics over the second half of the segment
     stop: bool = False  # converged: no new best for `patience` decisions
     phase: str = ""
 
+    def lr_at(self, i, n):
+        """The lr multiplier at step i (0-based) of an n-step segment."""
+        if self.cool:
+            return self.lr_scale * (1 - (i + 1) / (n + 1))
+        if self.ramp_from >= 0 and i < n // 2:
+            return self.ramp_from + (self.lr_scale - self.ramp_from) * (i + 1) / (n // 2)
+        return self.lr_scale
+
     def as_dict(self):
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["drop"] = list(self.drop)
+        return d
 
 
 # ---------------------------------------------------------------- EDIT HERE: tuning numbers
-SPIKE = 0.25  # safety: an eval loss this far above the best rolls back to the best weights
+SEARCH_BUDGET = 0.10  # default share of the token budget the rl search may discard (Controller(search_budget=))
+SPIKE = 0.25  # safety: an eval loss this far above the best rolls back (if a slot is kept) ...
 SAFETY_LR_FACTOR = 0.5  # ... and multiplies the lr by this
 BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
-# rl opening: trials from the initial weights, each a multiplier on the incumbent lr
-PROBE_ACTIONS = (0.1, 10**-0.5, 10**0.5, 10.0)  # half and whole decades
-PROBE_TRIALS = 5  # at most this many trials
-PROBE_FRAC = 0.2  # and at most this share of the budget
-PROBE_TIE = 0.03  # a trial within 3% of the best loss is a near-tie: near-ties go to the lower lr
-PROBE_SLOW_DROP = 1 / 3  # a first trial that removed less than this share of the initial loss means "too low"
-PROBE_ETA = 0.5  # learning rate of the opening's move preferences
+# rl search, read from the hypergradient h (Observation.hypergradient, over each segment's second half):
+#   1. after the first segment: h > 0 (too high even by the greedy measure, which this early favours high lrs)
+#      suspects a too-high lr, h < -SUSPECT_LOW a too-low one; a suspicion is settled by one trial from the initial
+#      weights at lr x 10**-TRIAL_DOWN or x 10**TRIAL_UP, compared with the first segment after a cooldown each;
+#      two too-high lrs are stuck on the same early plateau, so a down trial that ties with the first (within
+#      BOTH_HIGH_TIE) means both are too high: training goes on from the lower one, another TRIAL_DOWN down; a
+#      winning down trial that still reads h > CLEAR_HIGH goes on half a TRIAL_DOWN lower (a bigger first step down
+#      would land too low, and at this length a far too low lr loses to a too-high one; too low is cheap to climb);
+#   2. then, from the live weights (a too-low lr does no damage), while h < -LOW_H (trusted once EARLY_SEGMENTS
+#      segments of history are done: before that every lr looks too low), up by UP_GAIN * |h| decades, at most
+#      UP_MAX per segment (how |h| grows with the distance to the best lr differs between tasks: small steps,
+#      repeated, do not overshoot), with the weights from before the move kept as slot "best" for the safety net;
+#   3. commit. Every discarded token comes out of the search budget.
+SUSPECT_LOW = 0.05
+TRIAL_DOWN, TRIAL_UP = 1.0, 1.0
+BOTH_HIGH_TIE = 0.01
+CLEAR_HIGH = 0.01  # a down trial that wins but reads h above this is still too high: half a step further down
+LOW_H = 0.015
+UP_GAIN, UP_MAX = 10.0, 0.5
+EARLY_SEGMENTS = 2
+ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
+# without gradient statistics: trials of an lr from one saved point, on identical batches, each ended by a short
+# cooldown and compared by the cooled eval loss (a cooldown removes the noise a too-high lr hides behind)
+COOL_FRAC = 0.4  # a cooldown's length, as a share of the interval (at least 2 steps)
+MOVES = (1.0, 0.5, 0.25)  # the trial search's step sizes in decades of lr, coarse to fine
+SEARCH_ETA = 0.5  # learning rate of the trial search's direction preferences (REINFORCE)
 # rl online: (name, lr factor, accumulation factor); keep is preferred at first (p = 0.83)
 ONLINE_ACTIONS = (
     ("keep", 1.0, 1.0),
@@ -180,9 +230,6 @@ class Off:
 
     def decide(self, ctl, obs, reward, nonfinite):
         return Decision(ctl.lr_scale, ctl.grad_accum, phase="off")
-
-    def learn(self, reward):
-        pass
 
     def state_dict(self):
         return dict(vars(self))
@@ -225,151 +272,274 @@ class Plateau(Off):
 
 
 class RL(Off):
-    """Opening: trials from the initial weights, then an online linear-softmax REINFORCE policy."""
+    """Search, then online.
+
+    Search by the hypergradient (when the loop measures it): training goes on at the given lr while the policy
+    reads h over each segment's second half. A too-high lr does lasting damage within a few dozen steps, so a
+    first reading h > 0 rolls back to the weights from before that lr and goes down; a too-low lr does none, so a
+    reading h < -LOW_H (trusted once the fast first segments are over) moves up from the live weights, keeping a
+    rollback point in case the move overshoots. When neither, the search commits: at a good start the run
+    never left its lr and nothing was discarded.
+
+    Search by trials (no gradient statistics): trials of one lr each from a saved point ("init") on the same
+    batches, each ended by a short cooldown and compared by the cooled eval loss; the next trial's direction is
+    sampled from preferences that REINFORCE updates (+1 when the trial becomes the best, -1 otherwise). The best
+    trial's weights (before its cooldown) are kept, so only the other trials and the cooldowns are discarded.
+
+    Online: the safety rollback (Controller.step) and the reward-driven moves of ONLINE_ACTIONS."""
 
     def __init__(self):
-        self.phase = "probe" if PROBE_TRIALS > 0 else "online"
-        self.init_loss, self.best_trial = None, None
-        self.trials = []  # [(lr_scale, eval_loss)] of the opening trials
-        # logits over the probe moves; a prior for going down first: a too-high lr does its damage early
-        self.probe_pref = [0.5 if f < 1 else 0.0 for f in PROBE_ACTIONS]
-        self.probe_move = None  # the move that produced the trial being scored
-        self.theta = [[ONLINE_KEEP_LOGIT if a == 0 else 0.0, 0.0, 0.0, 0.0] for a in range(len(ONLINE_ACTIONS))]
-        self.pending_action = None  # (features, probs, action) awaiting its reward
-        self.reward_mean, self.reward_var = 0.0, 1e-4  # running baseline and scale of the reward
+        self.phase = "search"
+        self.mode = ""  # "gradient" or "trials", from the first observation
+        self.stage = "first"  # the hypergradient search: first, cool_first, trial, cool_trial, climb
+        self.history = 0  # segments in the current weights' history
+        self.first, self.trial, self.trial_scale = None, None, None
+        self.trials, self.segment = [], "trial"  # the trial search's state
+        self.direction_pref, self.last_direction = [0.0, 0.0], None  # its logits of [down, up]
 
     @property
-    def guarded(self):
-        return self.phase == "online"
+    def guarded(self):  # the safety net applies to the online phase and to the climb
+        return self.phase == "online" or self.stage == "climb"
 
     def start(self, ctl, init_loss):
-        self.init_loss = init_loss
-        save = "init" if self.phase == "probe" else ""
-        return Decision(ctl.lr_scale, ctl.grad_accum, action="start", save=save, phase="start")
+        self.trials.append({"scale": 1.0, "raw": None, "cooled": None, "slot": "trial0"})
+        return Decision(1.0, ctl.grad_accum, action="start", save="init", measure=True, phase="search")
 
     def decide(self, ctl, obs, reward, nonfinite):
-        if self.phase == "probe":
-            return self._probe(ctl, obs, nonfinite)
-        return self._online(ctl, obs)
+        if self.phase == "online":
+            return self._online(ctl, obs)
+        self.mode = self.mode or ("gradient" if obs.hypergradient is not None else "trials")
+        if self.mode == "trials":
+            return self._trial_search(ctl, obs, nonfinite)
+        return self._gradient_search(ctl, obs, nonfinite)
 
-    # ------------------------------------------------------------ opening
-    def _probe(self, ctl, obs, nonfinite):
-        """Trials of one interval each, all started from the initial weights (slot "init"), so their
-        eval losses compare like with like. The incumbent is the lowest-lr trial within PROBE_TIE of
-        the best loss. The policy picks the next trial's lr move relative to the incumbent; a move
-        whose trial becomes the incumbent earns +1, else -1 (REINFORCE on the move preferences).
-        The incumbent's weights are kept (slot "best") and training goes on from them."""
-        loss = obs.eval_loss if (math.isfinite(obs.eval_loss) and not nonfinite) else math.inf
-        self.trials.append((ctl.lr_scale, loss))
-        last = len(self.trials) - 1
-        inc = self._incumbent()
-        if last == 0 and self.init_loss:  # the initial policy, from the first trial's state
-            up = (self.init_loss - loss) / self.init_loss < PROBE_SLOW_DROP
-            # whole-decade move first (p = 0.75), half-decade next (0.17), the other direction last
-            self.probe_pref = [
-                (3.0 if abs(math.log10(f)) == 1 else 1.5) if (f > 1) == up else 0.0 for f in PROBE_ACTIONS
-            ]
-        if self.probe_move is not None:  # learn from the move that produced this trial
-            probs = softmax(self.probe_pref)
-            gain = 1.0 if inc == last else -1.0
-            for a in range(len(PROBE_ACTIONS)):
-                self.probe_pref[a] += PROBE_ETA * 4 * gain * ((1.0 if a == self.probe_move else 0.0) - probs[a])
-        save = ""
-        if inc == last:
-            save, self.best_trial = "best", last
-        inc_scale, inc_loss = self.trials[inc]
-        no_room = obs.progress + obs.progress / ctl.decisions > PROBE_FRAC  # another trial would pass the share
-        bracketed = any(s < inc_scale for s, _ in self.trials) and any(s > inc_scale for s, _ in self.trials)
-        if len(self.trials) >= PROBE_TRIALS or no_room or bracketed or not self._moves(ctl, inc_scale):
-            self.phase = "online"
-            ctl.lr_scale, ctl.best, ctl.since_best = inc_scale, inc_loss, 0
-            # go on from the incumbent: it is the trial just run, or in slot "best"; else restart from "init"
-            load = "" if inc == last else ("best" if inc == self.best_trial else "init")
-            return Decision(ctl.lr_scale, ctl.grad_accum, action="commit", save=save, load=load, phase="probe")
-        moves = self._moves(ctl, inc_scale)
-        a = moves[sample(ctl.rng, softmax([self.probe_pref[m] for m in moves]))]
-        self.probe_move = a
-        ctl.lr_scale = ctl.clip(inc_scale * PROBE_ACTIONS[a])
+    def _commit(self, ctl, action="commit", load="", **kw):
+        """The search is over: go on at ctl.lr_scale (from slot `load`, if given) and free every slot."""
+        self.phase = "online"
+        kw.setdefault("measure", self.mode == "gradient")
         return Decision(
-            ctl.lr_scale, ctl.grad_accum, action=f"trial_x{PROBE_ACTIONS[a]:.3g}", save=save, load="init", phase="probe"
+            ctl.lr_scale, ctl.grad_accum, action=action, load=load, drop=tuple(ctl.slot_kept), phase="search", **kw
         )
 
-    def _incumbent(self):
-        """Index of the lowest-lr trial whose loss is within PROBE_TIE of the best trial's."""
-        best = min(v for _, v in self.trials)
-        near = (i for i, (_, v) in enumerate(self.trials) if v <= best * (1 + PROBE_TIE))
-        return min(near, key=lambda i: self.trials[i][0])
+    # ------------------------------------------------------------ search by the hypergradient
+    def _gradient_search(self, ctl, obs, nonfinite):
+        h = obs.hypergradient
+        loss = obs.eval_loss if math.isfinite(obs.eval_loss) and not nonfinite else math.inf
+        self.history += 1
+        if self.stage == "first":  # 1. a suspicion, settled by one trial from the initial weights
+            self.first = {"scale": ctl.lr_scale, "raw": loss, "h": h, "slot": "first"}
+            factor = 10**-TRIAL_DOWN if loss == math.inf or h > 0 else 10**TRIAL_UP if h < -SUSPECT_LOW else None
+            cost = ctl.steps_tokens(ctl.interval + 2 * ctl.cool_steps)
+            if (
+                factor is not None
+                and ctl.clip(ctl.lr_scale * factor) != ctl.lr_scale
+                and ctl.room(obs.tokens, cost, ctl.kept)
+            ):
+                self.stage, self.trial_scale = "cool_first", ctl.clip(ctl.lr_scale * factor)
+                return Decision(
+                    ctl.lr_scale,
+                    ctl.grad_accum,
+                    steps=ctl.cool_steps,
+                    cool=True,
+                    action="cooldown",
+                    save="first",
+                    phase="search",
+                )
+            self.stage = "climb"
+            return self._climb(ctl, h, drop=("init",))
+        if self.stage == "cool_first":
+            self.first["cooled"], self.stage = loss, "trial"
+            ctl.lr_scale, self.history = self.trial_scale, 0
+            return Decision(
+                ctl.lr_scale,
+                ctl.grad_accum,
+                action=f"trial_x{self.trial_scale:.3g}",
+                load="init",
+                measure=True,
+                phase="search",
+            )
+        if self.stage == "trial":
+            self.trial = {"scale": ctl.lr_scale, "raw": loss, "h": h, "slot": "trial"}
+            self.stage = "cool_trial"
+            return Decision(
+                ctl.lr_scale,
+                ctl.grad_accum,
+                steps=ctl.cool_steps,
+                cool=True,
+                action="cooldown",
+                save="trial",
+                phase="search",
+            )
+        if self.stage == "cool_trial":  # the better of the two after the cooldown goes on, from before its cooldown
+            first, trial = self.first, self.trial
+            trial["cooled"] = loss
+            win = min((first, trial), key=lambda t: (t["cooled"], t["scale"]))
+            tie = abs(trial["cooled"] - first["cooled"]) <= BOTH_HIGH_TIE * first["cooled"]
+            both_high = trial["scale"] < first["scale"] and tie
+            win = trial if both_high else win
+            ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"
+            drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
+                win["slot"],
+            )
+            still_high = win is trial and trial["scale"] < first["scale"] and (trial["h"] or 0) > CLEAR_HIGH
+            if both_high or still_high:  # from the lower one's weights, further down (no budget for another trial)
+                ctl.lr_scale = ctl.clip(win["scale"] * 10 ** -(TRIAL_DOWN if both_high else TRIAL_DOWN / 2))
+                return Decision(
+                    ctl.lr_scale,
+                    ctl.grad_accum,
+                    action=f"pick_x{win['scale']:.3g}_then_down",
+                    load=win["slot"],
+                    drop=drop,
+                    measure=True,
+                    phase="search",
+                )
+            d = self._climb(ctl, win["h"], load=win["slot"], drop=drop)
+            d.action = f"pick_x{win['scale']:.3g}" + ("" if d.action in ("keep", "commit") else "_then_" + d.action)
+            return d
+        return self._climb(ctl, h)
 
-    def _moves(self, ctl, best_scale):
-        """Indices of the probe moves that lead to an lr not tried yet (within the bounds)."""
-        tried = {round(math.log10(s), 2) for s, _ in self.trials}
-        return [a for a, f in enumerate(PROBE_ACTIONS) if round(math.log10(ctl.clip(best_scale * f)), 2) not in tried]
+    def _climb(self, ctl, h, load="", drop=()):
+        """2-3: up from the live weights while the hypergradient says too low, one step per segment."""
+        drop = tuple(dict.fromkeys((*drop, *(("best",) if "best" in ctl.slot_kept else ()))))
+        if self.history >= EARLY_SEGMENTS and h is not None and h < -LOW_H:
+            old = ctl.lr_scale
+            ctl.lr_scale = ctl.clip(old * 10 ** min(UP_MAX, UP_GAIN * -h))
+            if ctl.lr_scale != old:  # the weights about to be put at risk are kept for the safety net
+                return Decision(
+                    ctl.lr_scale,
+                    ctl.grad_accum,
+                    ramp_from=old,
+                    action=f"up_x{ctl.lr_scale / old:.3g}",
+                    save="" if load else "best",
+                    load=load,
+                    drop=tuple(n for n in drop if n != "best"),
+                    measure=True,
+                    phase="search",
+                )
+        if self.history < EARLY_SEGMENTS:  # too early to call it too low: one more reading
+            return Decision(
+                ctl.lr_scale, ctl.grad_accum, action="keep", load=load, drop=drop, measure=True, phase="search"
+            )
+        return self._commit(ctl, load=load)
 
     # ------------------------------------------------------------ online
-    def features(self, ctl, loss, progress):
-        last = ctl.last_loss
-        trend = (
-            0.0
-            if last is None or not math.isfinite(loss)
-            else max(-1.0, min(1.0, (last - loss) / max(last, 1e-9) * 20))
-        )
-        return [1.0, progress, trend, math.log2(ctl.grad_accum / ctl.ref_accum)]
-
-    def learn(self, reward):
-        """REINFORCE with a baseline for the last online action: the advantage is the reward minus a
-        running mean, over a running standard deviation (rewards shrink as training converges)."""
-        if self.pending_action is None:
-            return
-        feats, probs, a = self.pending_action
-        adv = max(-3.0, min(3.0, (reward - self.reward_mean) / math.sqrt(self.reward_var)))
-        reinforce_update(self.theta, feats, probs, a, adv, ONLINE_ETA)
-        self.reward_mean += BASELINE_RATE * (reward - self.reward_mean)
-        self.reward_var = max(
-            1e-8, self.reward_var + BASELINE_RATE * ((reward - self.reward_mean) ** 2 - self.reward_var)
-        )
-        self.pending_action = None
-
     def _online(self, ctl, obs):
-        """Sample from the linear-softmax policy over ONLINE_ACTIONS (the actions that would change
-        nothing within the bounds are left out)."""
-        feats = self.features(ctl, obs.eval_loss, obs.progress)
-        allowed = [a for a, (_, lr_f, ga_f) in enumerate(ONLINE_ACTIONS) if a == 0 or ctl.changes(lr_f, ga_f)]
-        probs_allowed = softmax([sum(w * x for w, x in zip(self.theta[a], feats)) for a in allowed])
-        a = allowed[sample(ctl.rng, probs_allowed)]
-        probs = [0.0] * len(ONLINE_ACTIONS)
-        for i, p in zip(allowed, probs_allowed):
-            probs[i] = p
-        name, lr_f, ga_f = ONLINE_ACTIONS[a]
-        ctl.lr_scale = ctl.clip(ctl.lr_scale * lr_f)
-        ctl.grad_accum = ctl.clip_accum(round(ctl.grad_accum * ga_f))
-        self.pending_action = (feats, probs, a)
-        return Decision(ctl.lr_scale, ctl.grad_accum, action=name, phase="online")
+        """After the search: the climb goes on through the first ONLINE_UNTIL of the run (a too-low lr shows
+        once the early plateau is over, and later in training the greedy signal favours lower lrs, so a reading
+        of too low is, if anything, an understatement); otherwise keep."""
+        self.history += 1
+        h = obs.hypergradient
+        drop = ("best",) if "best" in ctl.slot_kept else ()
+        measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL
+        if measure and h is not None and h < -LOW_H:
+            old = ctl.lr_scale
+            ctl.lr_scale = ctl.clip(old * 10 ** min(UP_MAX, UP_GAIN * -h))
+            if ctl.lr_scale != old:
+                return Decision(
+                    ctl.lr_scale,
+                    ctl.grad_accum,
+                    ramp_from=old,
+                    action=f"up_x{ctl.lr_scale / old:.3g}",
+                    save="best",
+                    measure=True,
+                    phase="online",
+                )
+        return Decision(ctl.lr_scale, ctl.grad_accum, action="keep", drop=drop, measure=measure, phase="online")
+
+    # ------------------------------------------------------------ search by trials
+    def _trial_search(self, ctl, obs, nonfinite):
+        trial = self.trials[-1]
+        loss = obs.eval_loss if math.isfinite(obs.eval_loss) and not nonfinite else math.inf
+        if self.segment == "trial":  # keep its weights, then cool down to compare
+            trial["raw"] = loss
+            self.segment = "cool"
+            if len(self.trials) == 1 and not ctl.room(
+                obs.tokens, ctl.steps_tokens(ctl.interval + 2 * ctl.cool_steps), ctl.kept
+            ):
+                ctl.best = loss
+                return self._commit(ctl)  # no budget for even one more trial: go on as started
+            return Decision(
+                trial["scale"],
+                ctl.grad_accum,
+                steps=ctl.cool_steps,
+                cool=True,
+                action="cooldown",
+                save=trial["slot"],
+                phase="search",
+            )
+        trial["cooled"] = loss
+        self.segment = "trial"
+        best = min(self.trials, key=lambda t: (t["cooled"], t["scale"]))
+        if self.last_direction is not None:  # REINFORCE on the direction that produced this trial
+            gain = 1.0 if best is trial else -1.0
+            probs = softmax(self.direction_pref)
+            for a in range(2):
+                self.direction_pref[a] += SEARCH_ETA * gain * ((1.0 if a == self.last_direction else 0.0) - probs[a])
+        losers = tuple(t["slot"] for t in self.trials if t is not best and t["slot"])
+        for t in self.trials:
+            t["slot"] = t["slot"] if t is best else ""
+        nxt = self._next_scale(ctl, best)
+        extra = ctl.steps_tokens(ctl.interval + ctl.cool_steps)
+        if nxt is None or not ctl.room(obs.tokens, extra, ctl.slot_kept[best["slot"]]):
+            ctl.lr_scale = best["scale"]
+            ctl.best, ctl.since_best = best["raw"], 0  # the safety's reference: the weights training goes on from
+            d = self._commit(ctl, load=best["slot"])
+            d.drop = tuple(dict.fromkeys(d.drop + losers))
+            return d
+        scale, self.last_direction = nxt
+        ctl.lr_scale = scale
+        self.trials.append({"scale": scale, "raw": None, "cooled": None, "slot": f"trial{len(self.trials)}"})
+        return Decision(scale, ctl.grad_accum, action=f"trial_x{scale:.3g}", load="init", drop=losers, phase="search")
+
+    def _next_scale(self, ctl, best):
+        """The next trial: from the best trial, a step in decades of lr. A side with a worse trial at distance d is
+        bracketed: refine it at d/2 (down to the finest move). An open side is explored with the coarsest move.
+        Between two candidate sides, the direction preferences decide."""
+        here = math.log10(best["scale"])
+        options = []  # (direction, new scale)
+        for direction, sign in ((0, -1), (1, 1)):
+            side = [
+                abs(math.log10(t["scale"]) - here) for t in self.trials if sign * (math.log10(t["scale"]) - here) > 1e-9
+            ]
+            step = min(side) / 2 if side else MOVES[0]
+            scale = ctl.clip(10 ** (here + sign * step))
+            new = all(abs(math.log10(t["scale"]) - math.log10(scale)) > 1e-6 for t in self.trials)
+            if step >= MOVES[-1] - 1e-9 and new:
+                options.append((direction, scale))
+        if not options:
+            return None
+        d, scale = options[sample(ctl.rng, softmax([self.direction_pref[d] for d, _ in options]))]
+        return scale, d
 
 
 POLICIES = {"rl": RL, "seed": Seed, "plateau": Plateau, "off": Off}
 
 
-def sample(rng, probs):
-    """Index drawn from `probs` with the controller's own random.Random."""
-    u, acc = rng.random(), 0.0
-    for i, p in enumerate(probs):
-        acc += p
-        if u <= acc:
-            return i
-    return len(probs) - 1
-
-
 # ---------------------------------------------------------------- the controller
 class Controller:
-    """The reward, the best loss, the safety rollback and patience; the policy decides the rest.
-    Deterministic for a given seed and sequence of observations.
+    """The reward, the best loss, the safety rollback, patience and the search budget; the policy
+    decides the rest. Deterministic for a given seed and sequence of observations.
 
     policy: a key of POLICIES. lr: the loop's base lr; lr_bounds: (min_lr, max_lr) in the same units.
-    grad_accum: starting accumulation; grad_accum_bounds: (lo, hi). patience: stop after this
-    many decisions without a new best eval loss (None: never).
+    grad_accum: starting accumulation; grad_accum_bounds: (lo, hi). budget_tokens: the run's token
+    budget (the tokens its final weights will have seen); interval: the loop's optimizer steps between
+    two decisions; search_budget: the share of budget_tokens the rl search may discard.
+    patience: stop after this many decisions without a new best eval loss (None: never).
     """
 
-    def __init__(self, policy, lr, lr_bounds, grad_accum, grad_accum_bounds, seed=0, patience=None):
+    def __init__(
+        self,
+        policy,
+        lr,
+        lr_bounds,
+        grad_accum,
+        grad_accum_bounds,
+        budget_tokens=None,
+        interval=20,
+        search_budget=SEARCH_BUDGET,
+        seed=0,
+        patience=None,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.policy_name, self.policy = policy, POLICIES[policy]()
@@ -378,79 +548,108 @@ class Controller:
         self.ga_lo, self.ga_hi = grad_accum_bounds
         self.ref_accum = grad_accum  # the starting accumulation: the reward's reference window
         self.lr_scale, self.grad_accum = 1.0, grad_accum
+        self.budget_tokens, self.search_budget = budget_tokens, search_budget
+        self.cool_steps = max(2, round(interval * COOL_FRAC))
         self.rng = random.Random(seed)
         self.decisions = 0
         self.nonfinite_seen = 0  # non-finite steps already accounted for
         self.best, self.since_best = math.inf, 0
         self.last_loss, self.last_tokens = None, 0  # the eval loss and tokens at the previous decision
+        self.interval = interval
+        self.tokens_per_step = None  # measured from the segments
+        self.kept = 0  # tokens in the current weights' history (a load goes back to the slot's)
+        self.spent = 0  # tokens spent, at the decision being taken
+        self.slot_kept = {}  # self.kept when each slot was saved
         self.slot_loss = {}  # eval loss of each saved slot
+        self.pending = None  # the decision being carried out
 
     def start(self, eval_loss=None):
         """Call once before training, with the eval loss of the initial weights if known; apply the
-        returned save."""
-        return self.policy.start(self, eval_loss)
+        returned decision."""
+        d = self.policy.start(self, eval_loss)
+        self._bookkeep(d, eval_loss, 0)
+        self.pending = d
+        return d
 
     def step(self, obs):
         """obs: an Observation (or a dict of its fields). Returns a Decision.
 
-        Safety for the guarded policies: a non-finite step in the window, a non-finite eval loss or
-        one above best * (1 + SPIKE) rolls back to the best weights (slot "best", saved at each new
-        best eval loss) and multiplies the lr by SAFETY_LR_FACTOR."""
+        Safety for the guarded policies: a non-finite step in the window or a non-finite eval loss (the loop
+        skipped those updates: the weights are intact) multiplies the lr by SAFETY_LR_FACTOR; so does an eval loss
+        above best * (1 + SPIKE) right after a move up, which also rolls back to the weights from before it."""
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
         loss, tokens = float(obs.eval_loss), int(obs.tokens)
+        window = tokens - self.last_tokens  # the segment just run
+        self.kept, self.spent = self.kept + window, tokens
+        if window > 0:
+            self.tokens_per_step = window / (self.pending.steps or self.interval) / self.grad_accum * self.ref_accum
         nonfinite = obs.nonfinite_steps > self.nonfinite_seen
         self.nonfinite_seen = obs.nonfinite_steps
-        window = tokens - self.last_tokens
         ref = window * self.ref_accum / self.grad_accum  # the window's tokens at the starting batch
         reward = 0.0 if self.last_loss is None else compute_reward(self.last_loss, loss, window, ref, nonfinite)
         self.decisions += 1
-        fault = nonfinite or not math.isfinite(loss) or loss > self.best * (1 + SPIKE)
+        # a fault: a non-finite step or loss; or, right after the controller raised the lr (slot "best" is held), a
+        # spike above the best loss. The run's own ups and downs are not the controller's to undo.
+        spike = "best" in self.slot_kept and loss > self.best * (1 + SPIKE)
+        fault = nonfinite or not math.isfinite(loss) or spike
         if math.isfinite(loss) and not nonfinite and loss < self.best - BEST_MARGIN:
             self.best, self.since_best = loss, 0
         else:
             self.since_best += 1
-        guarded = self.policy.guarded
-        if guarded:
-            self.policy.learn(reward)
-        if guarded and fault:
+        if self.policy.guarded and fault:
             self.lr_scale = self.clip(self.lr_scale * SAFETY_LR_FACTOR)
             load = "best" if "best" in self.slot_loss else ""
             d = Decision(self.lr_scale, self.grad_accum, action="rollback", load=load, phase="safety")
         else:
             d = self.policy.decide(self, obs, reward, nonfinite)
-            if guarded and self.since_best == 0 and not d.load:
-                d.save = "best"
         d.reward = reward
         d.stop = self.patience is not None and self.since_best >= self.patience
-        self.last_loss, self.last_tokens = loss, tokens
-        if d.save:
-            self.slot_loss[d.save] = loss
-        if d.load:  # the next window starts from the slot's weights
-            self.last_loss = self.slot_loss.get(d.load)
+        self._bookkeep(d, loss, tokens)
+        self.pending = d
         return d
 
+    def _bookkeep(self, d, loss, tokens):
+        """The slots: what each holds (its eval loss, its weights' token history)."""
+        self.last_loss, self.last_tokens = loss, tokens
+        if d.save:
+            self.slot_loss[d.save], self.slot_kept[d.save] = loss, self.kept
+        if d.load:  # the next segment starts from the slot's weights
+            self.last_loss, self.kept = self.slot_loss[d.load], self.slot_kept[d.load]
+        for name in d.drop:
+            self.slot_loss.pop(name, None)
+            self.slot_kept.pop(name, None)
+
     # ------------------------------------------------------------ helpers for the policies
+    def steps_tokens(self, steps):
+        """Tokens of `steps` optimizer steps at the starting batch size (measured from the segments run)."""
+        return steps * (self.tokens_per_step or 0)
+
+    def room(self, spent, extra, kept_after):
+        """Whether the search budget allows spending `extra` more tokens and then going on from weights whose
+        history is `kept_after` tokens: every token spent and not in the final weights' history is discarded."""
+        if self.budget_tokens is None:
+            return False
+        return spent + extra - kept_after <= self.search_budget * self.budget_tokens + 1e-9
+
     def clip(self, scale):
         return min(self.scale_hi, max(self.scale_lo, scale))
 
     def clip_accum(self, ga):
         return min(self.ga_hi, max(self.ga_lo, ga))
 
-    def changes(self, lr_f, ga_f):
-        """Whether an lr / accumulation factor would change anything within the bounds."""
-        return (
-            self.clip_accum(round(self.grad_accum * ga_f)) != self.grad_accum
-            or self.clip(self.lr_scale * lr_f) != self.lr_scale
-        )
-
     # ------------------------------------------------------------ checkpointing
     def state_dict(self):
-        d = {k: v for k, v in vars(self).items() if k not in ("rng", "policy")}
-        return d | {"rng": list(self.rng.getstate()), "policy": self.policy.state_dict()}
+        d = {k: v for k, v in vars(self).items() if k not in ("rng", "policy", "pending")}
+        return d | {
+            "rng": list(self.rng.getstate()),
+            "policy": self.policy.state_dict(),
+            "pending": self.pending.as_dict(),
+        }
 
     def load_state_dict(self, d):
         d = dict(d)
-        rng, policy = d.pop("rng"), d.pop("policy")
+        rng, policy, pending = d.pop("rng"), d.pop("policy"), d.pop("pending")
         vars(self).update(d)
         self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))
         self.policy.load_state_dict(policy)
+        self.pending = Decision(**(pending | {"drop": tuple(pending["drop"])}))

@@ -5,17 +5,18 @@ Tiny offline run on a CPU laptop (Shakespeare bytes, 0.86M-param GPT-2, ZeRO-2):
     accelerate launch train.py --output_dir out
     python train.py --output_dir out                       # same thing, one process
 Two processes on one CPU machine (gloo), ZeRO-3:
-    accelerate launch --config_file accelerate_config.yaml --num_processes 2 \
+    accelerate launch --config_file accelerate_config.yaml --num_processes 2 \\
         train.py --zero_stage 3 --output_dir out
 One node, 8 GPUs, a hub model and dataset:
-    accelerate launch --config_file accelerate_config.yaml --num_processes 8 train.py \
-        --model_name_or_path gpt2 --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \
-        --per_device_train_batch_size 8 --learning_rate 3e-3 --output_dir out
+    accelerate launch --config_file accelerate_config.yaml --num_processes 8 train.py \\
+        --model_name_or_path gpt2 --dataset_name wikitext --dataset_config_name wikitext-2-raw-v1 \\
+        --per_device_train_batch_size 8 --learning_rate 3e-4 --output_dir out
 Several nodes: the same command on every node, with --num_machines, --machine_rank,
 --main_process_ip and --main_process_port given to `accelerate launch`.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -24,6 +25,7 @@ import resource
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from importlib.resources import files
 
@@ -62,7 +64,7 @@ def parse_args(argv=None):
     a("--num_warmup_steps", type=int, default=10, help="Warmup, in optimizer steps of the starting batch size.")
     a("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is 0.")
     a("--max_train_steps", type=int, default=400, help="The token budget, in steps of the starting batch; 0: epochs.")
-    a("--lr_find_steps", type=int, default=0, help="First an lr range test of this many steps (in the budget); 0: off.")
+    a("--lr_find_steps", type=int, default=0, help="First an lr range test of this many steps (discarded); 0: off.")
     a("--cpu_threads", type=int, default=0, help="Torch threads per process on CPU (0: cores / local processes).")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: bf16 on a GPU that supports it, else no.")
     a("--deepspeed_config", default="ds_config.json", help="DeepSpeed JSON; its 'auto' values come from these flags.")
@@ -71,6 +73,7 @@ def parse_args(argv=None):
     a = p.add_argument_group("evaluation, checkpoints, logging").add_argument
     a("--eval_steps", type=int, default=20, help="Evaluate every this many optimizer steps.")
     a("--max_eval_batches", type=int, default=8, help="Validation batches per process per evaluation (the same).")
+    a("--final_eval_batches", type=int, default=0, help="Validation batches per process at the end (0: all of them).")
     a("--seed", type=int, default=0, help="Seed of the model init, the data order and the sample.")
     a("--output_dir", default="out", help="Where metrics, checkpoints and the final model go.")
     a("--overwrite_output_dir", action="store_true", help="Allow writing into a directory that holds a previous run.")
@@ -85,6 +88,9 @@ def parse_args(argv=None):
     a("--controller", default="rl", choices=list(ctl.POLICIES), help="rl (learned), seed, plateau, off.")
     a("--controller_interval", type=int, default=20, help="Optimizer steps between two controller decisions.")
     a("--controller_seed", type=int, default=0, help="Seed of the controller's exploration.")
+    a("--search_budget", type=float, default=ctl.SEARCH_BUDGET, help="Share of the budget rl may discard on trials.")
+    a("--search_in_budget", action="store_true", help="Count discarded tokens in the budget (default: on top).")
+    a("--controller_slots", default="memory", choices=["memory", "disk"], help="Where rollback points are kept.")
     a("--max_nonfinite_steps", type=int, default=3, help="Non-finite steps in a row that force a rollback.")
     a("--controller_patience", type=int, help="Stop after this many decisions without a new best (default: never).")
     a("--min_lr", type=float, help="Lowest lr the controller may set (default: learning_rate/100).")
@@ -116,24 +122,40 @@ def fail(msg):
     sys.exit(f"train.py: error: {msg}")
 
 
+# ----------------------------------------------------------------------------- checks that need no model or data
+POSITIVE = [
+    "block_size",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "eval_steps",
+    "max_eval_batches",
+    "controller_interval",
+    "max_nonfinite_steps",
+]
+POSITIVE_OR_NONE = ["checkpointing_steps", "save_total_limit", "controller_patience"]
+PREVIOUS_RUN = (
+    "results.json",
+    "metrics.jsonl",
+    "config.json",
+    "model.safetensors",
+    "pytorch_model.bin",
+    "controller_slots",
+)  # what only --overwrite_output_dir may replace
+
+
 def check_args(args):
-    """Reject bad input before any heavy work. Returns the loaded DeepSpeed config."""
-    positive = [
-        "block_size",
-        "per_device_train_batch_size",
-        "per_device_eval_batch_size",
-        "gradient_accumulation_steps",
-        "num_train_epochs",
-        "eval_steps",
-        "max_eval_batches",
-        "controller_interval",
-        "max_nonfinite_steps",
-    ]
-    for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.max_train_steps < 0:
-        fail(f"--max_train_steps must be >= 0 (0: use --num_train_epochs), got {args.max_train_steps}")
+    """Reject bad flags before any heavy work. Returns the DeepSpeed config with train.py's "auto" values."""
+    for name in POSITIVE + POSITIVE_OR_NONE:
+        v = getattr(args, name)
+        if (v is not None or name in POSITIVE) and v <= 0:
+            fail(f"--{name} must be a positive integer, got {v}")
+    for name, lo in [("max_train_steps", 0), ("num_warmup_steps", 0), ("final_eval_batches", 0), ("seed", 0)]:
+        if getattr(args, name) < lo:
+            fail(f"--{name} must be >= {lo}, got {getattr(args, name)}")
+    if args.seed >= 2**32:
+        fail(f"--seed must be below 2**32, got {args.seed}")
     min_lr, max_lr = lr_bounds(args, args.learning_rate)
     for name, v in [
         ("learning_rate", args.learning_rate),
@@ -143,8 +165,10 @@ def check_args(args):
     ]:
         if not (math.isfinite(v) and v > 0):
             fail(f"--{name} must be a positive number, got {v}")
-    if min_lr > max_lr:
-        fail(f"--min_lr ({min_lr}) must not exceed --max_lr ({max_lr})")
+    if not min_lr <= args.learning_rate <= max_lr:
+        fail(f"need --min_lr ({min_lr:g}) <= --learning_rate ({args.learning_rate:g}) <= --max_lr ({max_lr:g})")
+    if not (math.isfinite(args.search_budget) and 0 <= args.search_budget < 1):
+        fail(f"--search_budget must be in [0, 1), a share of the token budget, got {args.search_budget}")
     lo, hi, gas = (
         args.min_gradient_accumulation_steps,
         args.max_gradient_accumulation_steps,
@@ -155,11 +179,22 @@ def check_args(args):
             f"need 1 <= --min_gradient_accumulation_steps ({lo}) <= --gradient_accumulation_steps ({gas}) "
             f"<= --max_gradient_accumulation_steps ({hi})"
         )
-    for name in ["checkpointing_steps", "save_total_limit", "controller_patience"]:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            fail(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    if args.num_warmup_steps < 0:
-        fail(f"--num_warmup_steps must be >= 0, got {args.num_warmup_steps}")
+    if args.lr_find_steps < 0 or args.lr_find_steps == 1:
+        fail(f"--lr_find_steps must be 0 (off) or at least 2, got {args.lr_find_steps}")
+    if args.max_train_steps and args.lr_find_steps >= args.max_train_steps:
+        fail(
+            f"--lr_find_steps ({args.lr_find_steps}) must be below the budget, --max_train_steps {args.max_train_steps}"
+        )
+    if args.mixed_precision in ("fp16", "bf16") and not torch.cuda.is_available():
+        fail(f"--mixed_precision {args.mixed_precision} needs a GPU; on CPU use --mixed_precision no")
+    check_files(args)
+    ds = check_deepspeed_config(args)
+    check_output_dir(args)
+    return ds
+
+
+def check_files(args):
+    """Data files: readable, a known format, UTF-8. Model, config and tokenizer paths: there if they look local."""
     for name in ["train_file", "validation_file"]:
         path = getattr(args, name)
         if path is None:
@@ -170,31 +205,50 @@ def check_args(args):
             fail(f"--{name} {path!r} is empty")
         if os.path.splitext(path)[1] not in (".txt", ".json", ".jsonl", ".csv"):
             fail(f"--{name} {path!r} must end in .txt, .json, .jsonl or .csv")
+        with open(path, "rb") as f:
+            done = 0
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                try:  # a chunk may end inside a character: its last 3 bytes are checked with the next one
+                    (chunk if len(chunk) < 1 << 24 else chunk[:-3]).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    fail(f"--{name} {path!r} is not UTF-8 text ({e.reason} at byte {done + e.start})")
+                done += len(chunk) - (0 if len(chunk) < 1 << 24 else 3)
+                f.seek(done)
     if args.validation_file and not args.train_file:
         fail("--validation_file needs --train_file")
     if not 0 < args.validation_split_percentage < 100:
         fail(f"--validation_split_percentage must be in 1..99, got {args.validation_split_percentage}")
+    for name in ["model_name_or_path", "config_name", "tokenizer_name"]:
+        path = getattr(args, name)
+        if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            fail(f"--{name} {path!r} does not exist (a local path; hub ids look like 'org/name')")
     mp = args.model_name_or_path
-    if mp and os.path.exists(mp) and not os.path.isfile(os.path.join(mp, "config.json")):
+    if mp and os.path.isdir(mp) and not os.path.isfile(os.path.join(mp, "config.json")):
         fail(f"--model_name_or_path {mp!r} is not a model directory (no config.json)")
-    # the DeepSpeed JSON: readable, and nothing in it that train.py also decides
+    for pair in (args.config_overrides or "").split(",") if args.config_overrides else []:
+        if "=" not in pair or not pair.split("=", 1)[0].strip():
+            fail(f"--config_overrides: {pair!r} is not key=value (e.g. 'n_embd=256,n_layer=6')")
+
+
+def check_deepspeed_config(args):
+    """Readable, and nothing in it that train.py decides itself."""
+    name = f"--deepspeed_config {args.deepspeed_config!r}"
     try:
         with open(args.deepspeed_config) as f:
             ds = json.load(f)
         assert isinstance(ds, dict), "top level is not an object"
     except (OSError, ValueError, AssertionError) as e:
-        fail(f"--deepspeed_config {args.deepspeed_config!r} is not a readable JSON object ({e})")
+        fail(f"{name} is not a readable JSON object ({e})")
     for key in ("optimizer", "scheduler"):
         if key in ds:
-            fail(
-                f"--deepspeed_config {args.deepspeed_config!r} defines '{key}', which train.py owns "
-                "(--optimizer, --lr_scheduler_type): remove it"
-            )
+            fail(f"{name} defines '{key}', which train.py owns (--optimizer, --lr_scheduler_type): remove it")
+    if not isinstance(ds.setdefault("zero_optimization", {}), dict):
+        fail(f"{name}: 'zero_optimization' must be an object, e.g. {{\"stage\": 2}}")
     if args.zero_stage is not None:
-        ds.setdefault("zero_optimization", {})["stage"] = args.zero_stage
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+        ds["zero_optimization"]["stage"] = args.zero_stage
+    stage = ds["zero_optimization"].get("stage", 0)
     if stage not in (0, 1, 2, 3):
-        fail(f"--deepspeed_config {args.deepspeed_config!r}: zero_optimization.stage must be 0-3, got {stage!r}")
+        fail(f"{name}: zero_optimization.stage must be 0-3, got {stage!r}")
     for key in (
         "train_micro_batch_size_per_gpu",
         "gradient_accumulation_steps",
@@ -202,24 +256,32 @@ def check_args(args):
         "gradient_clipping",
     ):
         if ds.get(key, "auto") != "auto":
-            fail(
-                f"--deepspeed_config {args.deepspeed_config!r}: '{key}' must be \"auto\" (set it with train.py's flags)"
-            )
+            fail(f"{name}: '{key}' must be \"auto\" (set it with train.py's flags)")
     if args.optimizer == "schedulefree" and stage != 0:
-        fail(
-            "--optimizer schedulefree needs --zero_stage 0: ZeRO partitions hide the averaged weights it swaps in "
-            "for evaluation"
-        )
-    if args.lr_find_steps < 0 or args.lr_find_steps == 1:
-        fail(f"--lr_find_steps must be 0 (off) or at least 2, got {args.lr_find_steps}")
-    # the output directory and the checkpoint to resume from
+        fail("--optimizer schedulefree needs --zero_stage 0: ZeRO partitions hide the averaged weights it swaps in")
+    args.zero_stage = stage  # resolved: the one stage this run uses (its checkpoints depend on it)
+    ds["gradient_clipping"] = args.max_grad_norm  # the "auto" values train.py owns: the flags are the one source
+    ds["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    return ds
+
+
+def check_output_dir(args):
+    """A directory we may write to, that holds no previous run unless asked; the checkpoint to resume from."""
     out = args.output_dir
-    previous = os.path.isdir(out) and any(
-        n in ("results.json", "metrics.jsonl") or n.startswith("step_") for n in os.listdir(out)
-    )
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--output_dir {out!r} is a file, not a directory")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:  # os.access says yes to root everywhere: try it (the file is gone when closed)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        fail(f"--output_dir {out!r}: {parent!r} is not writable ({e.strerror})")
+    previous = os.path.isdir(out) and any(n in PREVIOUS_RUN or n.startswith("step_") for n in os.listdir(out))
     if previous and not (args.overwrite_output_dir or args.resume_from_checkpoint):
         fail(
-            f"--output_dir {out!r} holds a previous run: pass --overwrite_output_dir or --resume_from_checkpoint latest"
+            f"--output_dir {out!r} holds a previous run or a model: pass --overwrite_output_dir (or "
+            "--resume_from_checkpoint latest)"
         )
     if args.resume_from_checkpoint:
         args.resume_from_checkpoint = find_checkpoint(args.resume_from_checkpoint, out)
@@ -231,26 +293,48 @@ def check_args(args):
                 f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is from an incompatible run: "
                 + ", ".join(f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in diff)
             )
-    ds["gradient_clipping"] = args.max_grad_norm  # the "auto" values train.py owns: the flags are the one source
-    ds["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
-    return ds
+
+
+SIGNATURE = [
+    "model_name_or_path",
+    "config_name",
+    "config_overrides",
+    "tokenizer_name",
+    "dataset_name",
+    "dataset_config_name",
+    "train_file",
+    "validation_file",
+    "text_column",
+    "block_size",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "learning_rate",
+    "weight_decay",
+    "max_grad_norm",
+    "lr_scheduler_type",
+    "num_warmup_steps",
+    "max_train_steps",
+    "num_train_epochs",
+    "lr_find_steps",
+    "zero_stage",
+    "mixed_precision",
+    "seed",
+    "controller",
+    "controller_interval",
+    "controller_seed",
+    "search_budget",
+    "search_in_budget",
+    "min_lr",
+    "max_lr",
+    "min_gradient_accumulation_steps",
+    "max_gradient_accumulation_steps",
+]
 
 
 def run_signature(args):
-    """What a checkpoint must share with the run that resumes it."""
-    keys = [
-        "model_name_or_path",
-        "config_name",
-        "config_overrides",
-        "block_size",
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "max_train_steps",
-        "num_train_epochs",
-        "optimizer",
-        "controller",
-    ]
-    return {k: getattr(args, k) for k in keys} | {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+    """What a checkpoint must share with the run that resumes it: everything that shapes the trajectory."""
+    return {k: getattr(args, k) for k in SIGNATURE} | {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
 # ----------------------------------------------------------------------------- data
@@ -270,59 +354,93 @@ VALIDATION_PLAYS = ("hamlet", "the-tempest", "twelfth-night")  # whole plays hel
 def load_raw_datasets(args):
     import datasets
 
-    if args.dataset_name:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
-    elif args.train_file:
-        files_ = {"train": args.train_file} | ({"validation": args.validation_file} if args.validation_file else {})
-        ext = os.path.splitext(args.train_file)[1].lstrip(".")
-        ext = {"txt": "text", "jsonl": "json"}.get(ext, ext)
-        raw = datasets.load_dataset(ext, data_files=files_)
-    else:
+    if not args.dataset_name and not args.train_file:
         plays = shakespeare_texts()
         split = {
             s: [t for n, t in plays if (n in VALIDATION_PLAYS) == (s == "validation")] for s in ("train", "validation")
         }
         return datasets.DatasetDict({s: datasets.Dataset.from_dict({"text": t}) for s, t in split.items()})
+    try:
+        if args.dataset_name:
+            raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
+        else:
+            files_ = {"train": args.train_file} | ({"validation": args.validation_file} if args.validation_file else {})
+            ext = os.path.splitext(args.train_file)[1].lstrip(".")
+            raw = datasets.load_dataset({"txt": "text", "jsonl": "json"}.get(ext, ext), data_files=files_)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:  # name the input and the cause
+        flag = f"--dataset_name {args.dataset_name!r}" if args.dataset_name else f"--train_file {args.train_file!r}"
+        cause = e.__cause__ or e
+        fail(f"{flag} could not be read: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+    if "train" not in raw:
+        fail(f"--dataset_name {args.dataset_name!r} has no 'train' split (it has {', '.join(raw)})")
     if "validation" not in raw:
         pct = args.validation_split_percentage
+        if len(raw["train"]) * pct // 100 < 1:
+            fail(
+                f"the training data has {len(raw['train'])} texts: too few to hold out "
+                f"--validation_split_percentage={pct}; give --validation_file or more text"
+            )
         raw = raw["train"].train_test_split(test_size=pct / 100, shuffle=False)
         raw["validation"] = raw.pop("test")
     return raw
 
 
 def build_datasets(args, tokenizer, accelerator):
-    """Tokenise, concatenate and cut into blocks of block_size tokens (labels = inputs)."""
+    """Tokenise, concatenate and cut into blocks of block_size tokens."""
     raw = load_raw_datasets(args)
-    col = args.text_column if args.text_column in raw["train"].column_names else raw["train"].column_names[0]
-    bs = args.block_size
+    col, bs = args.text_column, args.block_size
+    for split in ("train", "validation"):
+        found = raw[split].column_names
+        if col not in found:
+            fail(f"--text_column {col!r} is not a column of the {split} data (it has {', '.join(found)})")
+        dtype = getattr(raw[split].features[col], "dtype", None)
+        if dtype not in ("string", "large_string"):
+            fail(f"--text_column {col!r} of the {split} data holds {dtype or raw[split].features[col]}, not text")
 
     def tokenize(batch):
-        return tokenizer([t for t in batch[col] if t])
+        return tokenizer([t for t in batch[col] if t and t.strip()])
 
-    def group(batch):
+    def group(batch):  # the labels are the inputs (the model shifts them): not stored twice
         ids = [t for seq in batch["input_ids"] for t in seq]
         n = len(ids) // bs * bs
-        blocks = [ids[i : i + bs] for i in range(0, n, bs)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        return {"input_ids": [ids[i : i + bs] for i in range(0, n, bs)]}
 
     with accelerator.main_process_first():
         tok = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="tokenize")
         tok = tok.map(group, batched=True, batch_size=1000, remove_columns=tok["train"].column_names, desc="group")
     for split in ("train", "validation"):
         if len(tok[split]) == 0:
-            fail(f"the {split} data holds fewer than --block_size={bs} tokens: lower --block_size or give more text")
+            fail(
+                f"the {split} data holds fewer than --block_size={bs} tokens of text: lower --block_size or give "
+                "more text"
+            )
     return tok["train"].with_format("torch"), tok["validation"].with_format("torch")
 
 
-def batches(accelerator, train_dl, state):
-    """Micro-batches across epochs, in a seeded order that a resume reproduces (state counts them)."""
-    while True:
-        train_dl.set_epoch(state.epoch)
-        dl = accelerator.skip_first_batches(train_dl, state.batches_in_epoch) if state.batches_in_epoch else train_dl
-        for batch in dl:
-            state.batches_in_epoch += 1
-            yield batch
-        state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+class DataStream:
+    """Micro-batches across epochs in a seeded order; the position (epoch, batch) lives in the TrainState, so a
+    resume or a rollback to a slot goes back to the same batches (seek)."""
+
+    def __init__(self, accelerator, train_dl, state):
+        self.accelerator, self.train_dl, self.state = accelerator, train_dl, state
+        self.it = None
+
+    def seek(self):
+        """Continue from the position in state (after a load)."""
+        self.it = None
+
+    def next(self):
+        state = self.state
+        while True:
+            if self.it is None:
+                self.train_dl.set_epoch(state.epoch)
+                skip = state.batches_in_epoch
+                self.it = iter(self.accelerator.skip_first_batches(self.train_dl, skip) if skip else self.train_dl)
+            batch = next(self.it, None)
+            if batch is not None:
+                state.batches_in_epoch += 1
+                return batch
+            state.epoch, state.batches_in_epoch, self.it = state.epoch + 1, 0, None
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
@@ -330,33 +448,65 @@ def build_model_and_tokenizer(args):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config
 
     tok_src = args.tokenizer_name or args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(tok_src) if tok_src else ByT5Tokenizer()  # bytes: no vocab files
-    if args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-    else:
-        if args.config_name:
-            config = AutoConfig.from_pretrained(args.config_name)
-        else:  # nanoGPT-sized default: 4 layers, 128 wide, no dropout
-            config = GPT2Config(
-                n_embd=128,
-                n_layer=4,
-                n_head=4,
-                n_positions=args.block_size,
-                resid_pdrop=0.0,
-                embd_pdrop=0.0,
-                attn_pdrop=0.0,
-                vocab_size=len(tokenizer),
-                bos_token_id=tokenizer.eos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        if args.config_overrides:
-            config.update_from_string(args.config_overrides)
-        model = AutoModelForCausalLM.from_config(config)
+    flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_src) if tok_src else ByT5Tokenizer()  # bytes: no vocab files
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{flag} {tok_src!r}: no tokenizer could be loaded ({str(e).splitlines()[0]})")
+    try:
+        if args.model_name_or_path:
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+        else:
+            if args.config_name:
+                config = AutoConfig.from_pretrained(args.config_name)
+            else:  # nanoGPT-sized default: 4 layers, 128 wide, no dropout
+                config = GPT2Config(
+                    n_embd=128,
+                    n_layer=4,
+                    n_head=4,
+                    n_positions=args.block_size,
+                    resid_pdrop=0.0,
+                    embd_pdrop=0.0,
+                    attn_pdrop=0.0,
+                    vocab_size=len(tokenizer),
+                    bos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            if args.config_overrides:
+                config.update_from_string(args.config_overrides)
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        flag = (
+            "--model_name_or_path"
+            if args.model_name_or_path
+            else "--config_overrides"
+            if args.config_overrides
+            else "--config_name"
+        )
+        fail(f"{flag}: no causal LM could be built ({type(e).__name__}: {str(e).splitlines()[0]})")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions and args.block_size > positions:
+        fail(f"--block_size {args.block_size} is longer than the model's {positions} positions")
     return model, tokenizer
+
+
+class SkipNonFinite:
+    """Mixed into the torch optimizer at ZeRO stage 0, where DeepSpeed steps it directly: skip the whole update
+    when any gradient is non-finite. DeepSpeed's ZeRO optimizers (stages 1-3) do this themselves; like them, this
+    sets `overflow`, which DeepSpeed counts in engine.skipped_steps. Gradients are all-reduced before the step,
+    so every rank reaches the same verdict."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not torch.isfinite(torch.nn.utils.get_total_norm(grads)).item()
+        return None if self.overflow else super().step(closure)
 
 
 def build_optimizer(args, model):
@@ -366,12 +516,16 @@ def build_optimizer(args, model):
     if args.optimizer == "schedulefree":
         import schedulefree
 
-        return schedulefree.AdamWScheduleFree(groups, lr=args.learning_rate, warmup_steps=args.num_warmup_steps)
-    if args.optimizer == "prodigy":
+        cls, kw = schedulefree.AdamWScheduleFree, {"warmup_steps": args.num_warmup_steps}
+    elif args.optimizer == "prodigy":
         import prodigyopt
 
-        return prodigyopt.Prodigy(groups, lr=args.learning_rate)
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.95))
+        cls, kw = prodigyopt.Prodigy, {}
+    else:
+        cls, kw = torch.optim.AdamW, {"betas": (0.9, 0.95)}
+    if args.zero_stage == 0:  # the same optimizer, with the non-finite check ZeRO stages 1-3 have
+        cls = type(cls.__name__, (SkipNonFinite, cls), {})
+    return cls(groups, lr=args.learning_rate, **kw)
 
 
 def schedule(kind, tokens, warmup_tokens, total_tokens):
@@ -387,22 +541,31 @@ def schedule(kind, tokens, warmup_tokens, total_tokens):
 # ----------------------------------------------------------------------------- training state and checkpoints
 @dataclasses.dataclass
 class TrainState:
-    """Everything a resume needs besides the weights, the optimizer and the controller. Saved once per
-    checkpoint, in step_N/train_state.json, with the controller's state (written last: it marks the
-    checkpoint complete)."""
+    """Everything a resume needs besides the weights, the optimizer, the controller and its slots. Saved once per
+    checkpoint, in step_N/train_state.json (written last: it marks the checkpoint complete)."""
 
-    budget: int  # training tokens the run may spend, discarded trials included
+    budget: int  # tokens the final weights' history will hold (discarded segments are on top, or inside with
+    search_in_budget: bool  # --search_in_budget)
     grad_accum: int  # micro-batches per optimizer step now (the controller may change it)
     learning_rate: float  # the base lr: --learning_rate, or what the lr range test suggested
     signature: dict  # what a checkpoint must share with the run that resumes it
-    step: int = 0  # optimizer steps taken (rolled-back ones included)
+    step: int = 0  # optimizer steps taken, discarded ones included
     tokens_spent: int = 0  # training tokens processed: the cost
     model_tokens: int = 0  # tokens in the current weights' history: the schedule's position
-    epoch: int = 0
-    batches_in_epoch: int = 0  # micro-batches consumed in this epoch, for the data order on resume
+    epoch: int = 0  # the data position: a slot load goes back to its own
+    batches_in_epoch: int = 0
+    weights_id: int = 0  # which weights these are: the step that made them (a slot load brings back its id)
+    segment_done: int = 0  # optimizer steps done in the controller's current segment
+    loss_sum: float = 0.0  # training loss summed over the finite steps since the last evaluation
+    loss_steps: int = 0
     train_time: float = 0.0
     nonfinite_steps: int = 0
     rollbacks: int = 0
+
+    @property
+    def end(self):
+        """model_tokens at which training stops: with --search_in_budget, discarded tokens count in the budget."""
+        return self.budget - (self.tokens_spent - self.model_tokens if self.search_in_budget else 0)
 
 
 def checkpoint_dir(output_dir, step):
@@ -433,24 +596,56 @@ def find_checkpoint(path, output_dir):
 
 
 def read_train_state(path):
-    with open(os.path.join(path, "train_state.json")) as f:
-        return json.load(f)
+    """train_state.json, checked: a checkpoint whose state is unreadable is named in one line."""
+    f = os.path.join(path, "train_state.json")
+    try:
+        with open(f) as fh:
+            saved = json.load(fh)
+        assert {"train", "controller", "slots", "files"} <= set(saved), "keys missing"
+        assert {"signature", "budget"} <= set(saved["train"]), "keys missing"
+    except (OSError, ValueError, AssertionError, TypeError) as e:
+        fail(f"--resume_from_checkpoint: {f!r} is not a valid train_state.json ({e}); resume from another step_N")
+    return saved
+
+
+def check_checkpoint_files(path, saved):
+    """Every file the checkpoint was written with is there at its size: a deleted or truncated file is named."""
+    for rel, size in saved["files"].items():
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f) or os.path.getsize(f) != size:
+            found = "missing" if not os.path.isfile(f) else f"{os.path.getsize(f)} bytes, written with {size}"
+            fail(f"--resume_from_checkpoint: {f!r} is damaged ({found}); resume from another step_N")
+
+
+def file_sizes(root):
+    """{relative path: size} of every file under root."""
+    return {
+        os.path.relpath(os.path.join(d, n), root): os.path.getsize(os.path.join(d, n))
+        for d, _, names in os.walk(root)
+        for n in names
+    }
 
 
 def save_checkpoint(accelerator, output_dir, state, controller, slots, save_total_limit):
     """Atomic: written to step_N.tmp, renamed when every rank is done, so a kill never leaves a half checkpoint.
-    The controller's rollback slots are copied in, so a resume rolls back to the same weights."""
+    The controller's slots go in too (each once: see Slots.write), so a resume rolls back to the same weights."""
     path = checkpoint_dir(output_dir, state.step)
     tmp = path + ".tmp"
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    table = slots.write(os.path.join(tmp, "controller_slots"), complete_checkpoints(output_dir))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        slots.copy_to(os.path.join(tmp, "controller_slots"))
+        saved = {
+            "train": dataclasses.asdict(state),
+            "controller": controller.state_dict(),
+            "slots": table,
+            "files": file_sizes(tmp),
+        }
         with open(os.path.join(tmp, "train_state.json"), "w") as f:  # written last: marks the checkpoint complete
-            json.dump({"train": dataclasses.asdict(state), "controller": controller.state_dict()}, f)
+            json.dump(saved, f)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -458,18 +653,21 @@ def save_checkpoint(accelerator, output_dir, state, controller, slots, save_tota
             for old in list(complete_checkpoints(output_dir).values())[:-save_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    slots.written_to(path)
 
 
-def load_checkpoint(accelerator, path, state, controller, slots):
-    """The weights, optimizer, RNG and data position, the controller, and its rollback slots."""
-    accelerator.load_state(path)
-    saved = read_train_state(path)
+def load_checkpoint(accelerator, path, state, controller, slots, saved):
+    """The weights, optimizer, RNG and data position, the controller, and its slots."""
+    try:
+        accelerator.load_state(path)
+    except Exception as e:  # noqa: BLE001 - any failure to load a file that passed the size check is one line
+        fail(f"--resume_from_checkpoint {path!r} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0]})")
     if saved["train"]["budget"] != state.budget:
         fail(f"--resume_from_checkpoint {path!r} is from a run with another token budget")
     for k, v in saved["train"].items():
         setattr(state, k, v)
     controller.load_state_dict(saved["controller"])
-    slots.copy_from(os.path.join(path, "controller_slots"))
+    slots.read(os.path.join(path, "controller_slots"), saved["slots"])
 
 
 def set_grad_accum(accelerator, engine, gas):
@@ -480,44 +678,235 @@ def set_grad_accum(accelerator, engine, gas):
     accelerator.step = 0
 
 
+# ----------------------------------------------------------------------------- the controller's rollback slots
+SLOT_META = ("model_tokens", "epoch", "batches_in_epoch", "weights_id")  # what a slot load restores in TrainState
+MAX_SLOTS = 3  # the most slots the controller holds at once (the rl search: init, the best trial, the current one)
+
+
+def to_host(x):
+    """A deep copy with every tensor in host memory."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", copy=True)
+    if isinstance(x, dict):
+        return {k: to_host(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_host(v) for v in x)
+    return copy.deepcopy(x)
+
+
+def tensor_bytes(x):
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(v) for v in x.values())
+    return sum(tensor_bytes(v) for v in x) if isinstance(x, (list, tuple)) else 0
+
+
+def engine_state(engine):
+    """This rank's share of the trained state, as DeepSpeed's own checkpoints hold it: at ZeRO 1-3 the ZeRO
+    optimizer's partition (fp32 master weights + optimizer state); at stage 0 the module and the optimizer."""
+    if engine.zero_optimization_stage() == 0:
+        return {"module": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict()}
+    return {"optimizer": engine.optimizer.state_dict()}
+
+
+def base_optimizer(engine):
+    """The torch optimizer that updates this rank's weights: DeepSpeed's at ZeRO 1-3 steps it on the partition."""
+    opt = engine.optimizer
+    return opt if isinstance(opt, torch.optim.Optimizer) else opt.optimizer
+
+
+def load_engine_state(engine, sd, world):
+    opt = engine.optimizer
+    if engine.zero_optimization_stage() == 0:
+        engine.module.load_state_dict(sd["module"])
+        opt.load_state_dict(sd["optimizer"])
+        return
+    # the list is indexed by rank; each rank passes its own partition
+    opt.load_state_dict([sd["optimizer"]] * world, load_optimizer_states=True, load_from_fp32_weights=True)
+    if engine.zero_optimization_stage() < 3:  # stage 3 refreshes the model's partitions itself
+        opt.update_lp_params()
+
+
+def memory_slots_supported(engine):
+    """fp32 at stage 0 (DeepSpeed steps the torch optimizer), or a ZeRO optimizer without offload."""
+    if engine.zero_optimization_stage() == 0:
+        return isinstance(engine.optimizer, torch.optim.Optimizer)
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3))
+    return zero and not engine.zero_cpu_offload() and not engine.zero_offload_param()
+
+
+def available_memory_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(line for line in f if line.startswith("MemAvailable")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        return None
+
+
 class Slots:
-    """The controller's rollback points: the weights + optimizer state saved under a name and loaded back,
-    as DeepSpeed engine checkpoints in output_dir/controller_slots/NAME (each rank writes its own partition)."""
+    """The controller's rollback points: the weights, optimizer state and data position saved under a name and
+    loaded back. "memory": every rank keeps a host copy of its own share (see engine_state: with AdamW at ZeRO
+    1-3 that is 12 bytes per parameter / processes, at stage 0 16 bytes per parameter); "disk": DeepSpeed
+    checkpoints in output_dir/controller_slots/NAME. Memory falls back to disk when the engine's optimizer is not
+    supported (offload, mixed-precision stage 0) or MAX_SLOTS copies would take more than half the free memory."""
 
-    def __init__(self, accelerator, model, root):
-        self.accelerator, self.model, self.root = accelerator, model, root
+    def __init__(self, accelerator, engine, root, mode, state):
+        self.acc, self.engine, self.root, self.state = accelerator, engine, root, state
+        self.slot_bytes = tensor_bytes(engine_state(engine))
+        free, local = available_memory_bytes(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        fits = free is None or MAX_SLOTS * self.slot_bytes * local < free / 2
+        self.mode = "memory" if mode == "memory" and memory_slots_supported(engine) and fits else "disk"
+        self.mem = {}  # name -> host copy of this rank's engine state (memory mode)
+        self.meta = {}  # name -> the TrainState fields it restores
+        self.written = {}  # name -> (weights_id, checkpoint dir) where its files were last written
 
-    def save(self, name, state):
-        acc = self.accelerator
-        self.model.save_checkpoint(
-            self.root, tag=name + ".tmp", client_state={"model_tokens": state.model_tokens}, save_latest=False
-        )
-        acc.wait_for_everyone()
-        if acc.is_main_process:  # atomic: a kill never leaves a half-written slot
+    def describe(self):
+        return f"{self.mode}, {self.slot_bytes / 2**20:.3g} MB per slot per process, at most {MAX_SLOTS} slots"
+
+    def save(self, name):
+        if self.mode == "memory":
+            self.mem[name] = to_host(engine_state(self.engine))
+        else:
+            self.engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False)
+            self.acc.wait_for_everyone()
+            if self.acc.is_main_process:  # atomic: a kill never leaves a half-written slot
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+                os.replace(os.path.join(self.root, name + ".tmp"), os.path.join(self.root, name))
+            self.acc.wait_for_everyone()
+        self.meta[name] = {k: getattr(self.state, k) for k in SLOT_META}
+
+    def load(self, name):
+        if self.mode == "memory":  # from a copy: the slot stays as it was saved
+            load_engine_state(self.engine, to_host(self.mem[name]), self.acc.num_processes)
+        else:
+            self.engine.load_checkpoint(self.root, tag=name, load_optimizer_states=True, load_lr_scheduler_states=False)
+        for k, v in self.meta[name].items():
+            setattr(self.state, k, v)
+        self.state.rollbacks += 1
+
+    def drop(self, name):
+        self.mem.pop(name, None)
+        self.meta.pop(name, None)
+        self.written.pop(name, None)
+        if self.mode == "disk" and self.acc.is_main_process:
             shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
-            os.replace(os.path.join(self.root, name + ".tmp"), os.path.join(self.root, name))
-        acc.wait_for_everyone()
 
-    def load(self, name, state):
-        _, client = self.model.load_checkpoint(
-            self.root, tag=name, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        state.model_tokens = client["model_tokens"]
-        state.rollbacks += 1
+    def write(self, dest, checkpoints):
+        """Into a checkpoint (every rank): a slot that holds the checkpoint's own weights is only referenced; a
+        slot whose files an earlier checkpoint still on disk holds is hard-linked from there; others are written.
+        Returns the table for train_state.json."""
+        table, rank = {}, self.acc.process_index
+        for name, meta in self.meta.items():
+            table[name] = meta | {"same_as_checkpoint": meta["weights_id"] == self.state.weights_id}
+            if table[name]["same_as_checkpoint"]:
+                continue
+            wid, earlier = self.written.get(name, (None, None))
+            if wid == meta["weights_id"] and earlier in checkpoints.values():
+                src = os.path.join(earlier, "controller_slots", name)
+            elif self.mode == "memory":
+                os.makedirs(os.path.join(dest, name), exist_ok=True)
+                torch.save(self.mem[name], os.path.join(dest, name, f"rank_{rank}.pt"))
+                continue
+            else:
+                src = os.path.join(self.root, name)
+            if self.mode == "memory":
+                os.makedirs(os.path.join(dest, name), exist_ok=True)
+                os.link(os.path.join(src, f"rank_{rank}.pt"), os.path.join(dest, name, f"rank_{rank}.pt"))
+            elif self.acc.is_main_process:  # DeepSpeed's files, written once: link them
+                shutil.copytree(src, os.path.join(dest, name), copy_function=os.link)
+        return table
 
-    def copy_to(self, dest):  # main process only
-        if os.path.isdir(self.root):
-            shutil.copytree(self.root, dest)
+    def written_to(self, path):
+        for name, meta in self.meta.items():
+            if meta["weights_id"] != self.state.weights_id:
+                self.written[name] = (meta["weights_id"], path)
 
-    def copy_from(self, src):
-        if self.accelerator.is_main_process:  # the rollback slots as they were at the checkpoint
+    def read(self, src, table):
+        """On resume: the slots as they were at the checkpoint."""
+        if self.mode == "disk" and self.acc.is_main_process:
             shutil.rmtree(self.root, ignore_errors=True)
-            if os.path.isdir(src):
-                shutil.copytree(src, self.root)
-        self.accelerator.wait_for_everyone()
+        self.acc.wait_for_everyone()
+        for name, entry in table.items():
+            meta = {k: entry[k] for k in SLOT_META}
+            if entry["same_as_checkpoint"]:  # the weights just loaded
+                self.save(name)
+                continue
+            if self.mode == "memory":
+                self.mem[name] = torch.load(
+                    os.path.join(src, name, f"rank_{self.acc.process_index}.pt"), weights_only=False
+                )
+            elif self.acc.is_main_process:
+                shutil.copytree(os.path.join(src, name), os.path.join(self.root, name), copy_function=os.link)
+            self.meta[name] = meta
+            self.written[name] = (meta["weights_id"], os.path.dirname(src))
+        self.acc.wait_for_everyone()
 
-    def clear(self):  # main process only
-        shutil.rmtree(self.root, ignore_errors=True)
+    def clear(self):
+        self.mem.clear()
+        if self.acc.is_main_process:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- the controller's gradient statistics
+class GradientProbe:
+    """Gradient statistics for the controller, taken inside the optimizer step on the weights this rank updates
+    (its ZeRO partition of the fp32 weights, or the whole model at stage 0), summed over a window:
+      hypergradient  sum g_t.u_{t-1} / sqrt(sum |g_t|^2 * sum |u_{t-1}|^2), the gradient against the previous update:
+                     negative when a larger lr would have lowered the loss (Baydin et al., ICLR'18)
+      alignment      the same with g_{t-1} for u_{t-1}: near 1 when the gradient is mostly signal, near 0 when noise
+    Partitions are disjoint, so the sums add up over ranks (at stage 0 every rank holds the same all-reduced
+    gradient: the sums scale, the cosines do not). Measures only while asked (two copies of the partition).
+    Copy it into your own loop: GradientProbe(optimizer), start(), read() -> Observation fields."""
+
+    def __init__(self, optimizer):
+        self.active = False
+        self.sums = torch.zeros(5, dtype=torch.float64)  # g.u, g.gp, |g|^2, |u|^2, |gp|^2
+        self.prev_grad, self.prev_update, self.before = {}, {}, {}
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    @torch.no_grad()
+    def _pre(self, optimizer, args, kwargs):
+        if not self.active:
+            return
+        for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
+            g, key = p.grad.detach().float(), id(p)
+            if key in self.prev_update:
+                u, gp = self.prev_update[key], self.prev_grad[key]
+                self.sums += (
+                    torch.stack([(g * u).sum(), (g * gp).sum(), g.square().sum(), u.square().sum(), gp.square().sum()])
+                    .double()
+                    .cpu()
+                )
+            self.prev_grad[key], self.before[key] = g.clone(), p.detach().float().clone()
+
+    @torch.no_grad()
+    def _post(self, optimizer, args, kwargs):
+        for p in (p for g in optimizer.param_groups for p in g["params"] if id(p) in self.before):
+            self.prev_update[id(p)] = p.detach().float() - self.before.pop(id(p))
+
+    def start(self):
+        """Measure from the next step on (the first step only records the update the next one is compared with)."""
+        self.active = True
+        self.sums.zero_()
+        self.prev_grad, self.prev_update, self.before = {}, {}, {}
+
+    def read(self, accelerator=None):
+        """(hypergradient, alignment) over the window, reduced over ranks, or (None, None); stops measuring."""
+        self.active = False
+        self.prev_grad, self.prev_update, self.before = {}, {}, {}
+        sums = (
+            self.sums if accelerator is None else accelerator.reduce(self.sums.to(accelerator.device), reduction="sum")
+        )
+        sums = sums.cpu()
+        gu, ggp, gg, uu, gpgp = sums.tolist()
+        if uu <= 0 or gg <= 0 or gpgp <= 0:
+            return None, None
+        return gu / math.sqrt(gg * uu), ggp / math.sqrt(gg * gpgp)
 
 
 # ----------------------------------------------------------------------------- the loop's pieces
@@ -539,45 +928,42 @@ def optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_to
     skipped_before = model.skipped_steps
     total = torch.zeros((), device=accelerator.device)
     for i in range(gas):
-        batch = next(data)
+        batch = data.next()
         accelerator.sync_gradients = i == gas - 1  # the accumulation boundary: DeepSpeed steps after this backward
-        loss = model(**batch).loss
+        loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
         accelerator.backward(loss)
         total += loss.detach().float()
-    step_loss = total / gas
-    # DeepSpeed's ZeRO optimizers skip an update with non-finite gradients on every rank; the loss may be
-    # non-finite on one rank only, so the verdict is reduced
-    nonfinite = model.skipped_steps > skipped_before or not torch.isfinite(step_loss).item()
+    step_loss = (total / gas).item()  # the step's one host sync
+    # the update was skipped on every rank if any gradient was non-finite (DeepSpeed's ZeRO overflow check, or
+    # SkipNonFinite at stage 0); the loss can be non-finite on one rank only, so that part is reduced
+    nonfinite = model.skipped_steps > skipped_before or not math.isfinite(step_loss)
     if accelerator.num_processes > 1:
-        nonfinite = (
-            accelerator.reduce(torch.tensor(float(nonfinite), device=accelerator.device), reduction="sum").item() > 0
-        )
-    tokens = gas * micro_tokens
+        flag = torch.tensor(float(nonfinite), device=accelerator.device)
+        nonfinite = accelerator.reduce(flag, reduction="sum").item() > 0
     state.step += 1
-    state.tokens_spent += tokens
-    state.model_tokens += tokens
+    state.tokens_spent += gas * micro_tokens
+    state.model_tokens += gas * micro_tokens
+    state.weights_id = state.step
     return step_loss, nonfinite
 
 
 @torch.no_grad()
 def evaluate(accelerator, model, eval_dl, max_batches, schedulefree_opt=None):
-    """Mean next-token loss and accuracy on the first max_batches validation batches of every process."""
+    """Mean next-token loss and accuracy on the first max_batches validation batches of every process (0: all)."""
     model.eval()
     if schedulefree_opt is not None:  # evaluate at its averaged weights
         schedulefree_opt.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     for i, batch in enumerate(eval_dl):
-        if i >= max_batches:
+        if max_batches and i >= max_batches:
             break
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
+        labels = batch["input_ids"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum"
         )
-        correct = (logits.argmax(-1) == labels).sum()
-        tot += torch.stack(
-            [loss.double(), correct.double(), torch.tensor(labels.numel(), dtype=torch.float64, device=tot.device)]
-        )
+        n = torch.tensor(labels.numel(), dtype=torch.float64, device=tot.device)
+        tot += torch.stack([loss.double(), (logits.argmax(-1) == labels).sum().double(), n])
     tot = accelerator.reduce(tot, reduction="sum")
     model.train()
     if schedulefree_opt is not None:
@@ -585,17 +971,21 @@ def evaluate(accelerator, model, eval_dl, max_batches, schedulefree_opt=None):
     return (tot[0] / tot[2]).item(), (tot[1] / tot[2]).item()
 
 
-def apply_decision(d, state, slots):
-    """A controller decision, the same on every rank: save a slot, then load one (a rollback), then the
-    accumulation (DeepSpeed and Accelerate follow at the next step's start)."""
+def apply_decision(d, state, slots, data):
+    """A controller decision, the same on every rank: save a slot, load one (a rollback: weights, optimizer,
+    data position), free the ones no longer needed, set the accumulation (DeepSpeed follows at the next step)."""
     if d.save:
-        slots.save(d.save, state)
+        slots.save(d.save)
     if d.load:
-        slots.load(d.load, state)
+        slots.load(d.load)
+        data.seek()
+    for name in d.drop:
+        slots.drop(name)
     state.grad_accum = d.grad_accum
+    state.segment_done = 0
 
 
-def decide(accelerator, controller, obs, state, slots):
+def decide(accelerator, controller, obs, state, slots, data):
     """One controller decision from the reduced numbers every rank shares; checked equal on all ranks, applied."""
     from accelerate.utils import broadcast_object_list
 
@@ -603,12 +993,13 @@ def decide(accelerator, controller, obs, state, slots):
     ref = broadcast_object_list([d.as_dict()])[0]
     if ref != d.as_dict():
         raise RuntimeError(f"controller decisions differ between ranks: {ref} vs {d.as_dict()}")
-    apply_decision(d, state, slots)
+    apply_decision(d, state, slots, data)
+    slot_ops = "".join(f" {op} {v}" for op, v in (("save", d.save), ("load", d.load), ("drop", ",".join(d.drop))) if v)
     say(
         accelerator,
         f"[controller] step {state.step} tokens {state.tokens_spent} eval_loss {obs.eval_loss:.4f} "
-        f"action {d.action} reward {d.reward:+.4f} lr_scale {d.lr_scale:.3g} grad_accum {d.grad_accum}"
-        f"{' save ' + d.save if d.save else ''}{' load ' + d.load if d.load else ''}",
+        f"{d.phase}: {d.action} reward {d.reward:+.4f} lr_scale {d.lr_scale:.3g} grad_accum {d.grad_accum}"
+        f"{slot_ops}",
     )
     return d
 
@@ -618,6 +1009,7 @@ TRACKER_NAMES = {
     "lr": "train/lr",
     "effective_batch_size": "train/effective_batch_size",
     "tokens_seen": "train/tokens_seen",
+    "tokens_kept": "train/tokens_kept",
     "eval_loss": "eval/loss",
     "perplexity": "eval/perplexity",
     "accuracy": "eval/accuracy",
@@ -630,123 +1022,109 @@ def log_row(accelerator, args, row, step):
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
     if args.with_tracking:
-        scalars = {
-            TRACKER_NAMES.get(k, k): v
-            for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        accelerator.log(scalars, step=step)
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        accelerator.log({TRACKER_NAMES.get(k, k): v for k, v in numbers.items()}, step=step)
 
 
 def lr_range_test(args, accelerator, model, optimizer, data, state, slots, micro_tokens):
     """fastai's / Lightning's lr_find, before training: --lr_find_steps steps with the lr growing exponentially
-    from the lower to the upper lr bound, then back to the initial weights. Its tokens count in the budget.
+    from the lower to the upper lr bound, then back to the initial weights and batches (its tokens are discarded).
     Returns the suggested lr."""
     lo, hi = lr_bounds(args, state.learning_rate)
-    slots.save("init", state)
+    slots.save("init")
     lrs, losses = [], []
     for i in range(args.lr_find_steps):
         lr = lo * (hi / lo) ** (i / (args.lr_find_steps - 1))
         loss, _ = optimizer_step(accelerator, model, optimizer, data, lr, state.grad_accum, state, micro_tokens)
         lrs.append(lr)
-        losses.append(accelerator.reduce(loss, reduction="mean").item())
-    slots.load("init", state)  # the schedule restarts; the tokens spent stay spent
+        losses.append(accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item())
+    slots.load("init")
+    slots.drop("init")
+    data.seek()
     suggested = ctl.lr_range_suggestion(lrs, losses)
     say(accelerator, f"[lr_find] {len(lrs)} steps from {lo:.2e} to {hi:.2e}: suggested lr {suggested:.3e}")
     return suggested
 
 
-def train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, micro_tokens):
-    """The training loop: one block per optimizer step until the token budget is spent. Returns the last
-    evaluation (loss, accuracy), or None if the budget was already spent (a resume from the very end)."""
+def train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, probe, micro_tokens):
+    """The training loop: one block per optimizer step until the weights' history holds the token budget. The
+    controller decides at the end of each segment it asked for (its length, lr multiplier, and whether to measure
+    gradient statistics over the second half). Returns the wall time."""
     from tqdm.auto import tqdm
 
-    world = accelerator.num_processes
+    world, deciding = accelerator.num_processes, args.controller != "off"
     warmup_tokens = args.num_warmup_steps * args.gradient_accumulation_steps * micro_tokens
     sf_opt = optimizer.optimizer if args.optimizer == "schedulefree" else None
     bar = tqdm(
         total=state.budget,
-        initial=state.tokens_spent,
+        initial=state.model_tokens,
         unit="tok",
         unit_scale=True,
         disable=not accelerator.is_local_main_process,
     )
-    last_eval, consecutive_bad = None, 0
-    interval_loss, interval_steps = torch.zeros((), device=accelerator.device), 0
+    consecutive_bad, checkpoint_due = 0, False
     t_run = time.time() - state.train_time
-    while state.tokens_spent < state.budget:
+    while state.model_tokens < state.end:
         # ---- the lr: the schedule over the weights' own token history, times the controller's multiplier
-        wasted = state.tokens_spent - state.model_tokens  # tokens of discarded trials
-        lr = (
-            state.learning_rate
-            * schedule(args.lr_scheduler_type, state.model_tokens, warmup_tokens, state.budget - wasted)
-            * controller.lr_scale
-        )
+        d = controller.pending
+        n = d.steps or args.controller_interval
+        if d.measure and state.segment_done == n // 2:
+            probe.start()
+        factor = schedule(args.lr_scheduler_type, state.model_tokens, warmup_tokens, state.end)
+        lr = state.learning_rate * factor * d.lr_at(state.segment_done, n)
         # ---- forward/backward over the micro-batches, the update, the non-finite verdict
-        gas = min(
-            state.grad_accum, (state.budget - state.tokens_spent) // micro_tokens
-        )  # the last step fits the budget
+        gas = min(state.grad_accum, (state.end - state.model_tokens) // micro_tokens)  # the last step fits
         t_step = time.time()
         step_loss, nonfinite = optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_tokens)
         dt = time.time() - t_step
         state.train_time += dt
+        state.segment_done += 1
         consecutive_bad = consecutive_bad + 1 if nonfinite else 0
         if nonfinite:  # the update was skipped on every rank; keep the step out of the averages
             state.nonfinite_steps += 1
-            say(
-                accelerator,
-                f"step {state.step}: non-finite loss or gradient, update skipped (DeepSpeed overflow check)",
-            )
+            say(accelerator, f"step {state.step}: non-finite loss or gradient, update skipped on every rank")
         else:
-            interval_loss += step_loss
-            interval_steps += 1
-        bar.update(gas * micro_tokens)
+            state.loss_sum, state.loss_steps = state.loss_sum + step_loss, state.loss_steps + 1
+        bar.n = state.model_tokens
         if accelerator.is_local_main_process and state.step % 10 == 0:
             bar.set_postfix(
-                loss=f"{step_loss.item():.3f}",
+                loss=f"{step_loss:.3f}",
                 lr=f"{lr:.2e}",
                 bs=args.per_device_train_batch_size * world * gas,
                 tok_s=f"{gas * micro_tokens / max(dt, 1e-9):.0f}",
+                spent=f"{state.tokens_spent:.3g}",
             )
-        done = state.tokens_spent >= state.budget
+        done = state.model_tokens >= state.end
         obs = {
             "tokens": state.tokens_spent,
-            "progress": state.tokens_spent / state.budget,
+            "progress": state.model_tokens / state.budget,
             "nonfinite_steps": state.nonfinite_steps,
         }
 
         # ---- too many non-finite steps in a row: act now, not at the next decision
         if consecutive_bad >= args.max_nonfinite_steps:
-            if args.controller == "off":
+            if not deciding:
                 fail(
                     f"{consecutive_bad} consecutive non-finite steps at step {state.step} (updates skipped, weights "
-                    "intact): lower --learning_rate or use --controller rl, which rolls back"
+                    "intact): lower --learning_rate or use --controller rl, which lowers it"
                 )
-            d = decide(accelerator, controller, ctl.Observation(eval_loss=math.inf, **obs), state, slots)
-            log_row(
-                accelerator,
-                args,
-                {
-                    "step": state.step,
-                    "tokens_seen": state.tokens_spent,
-                    "event": "nonfinite_rollback",
-                    "lr": lr,
-                    **{"controller/" + k: v for k, v in d.as_dict().items()},
-                },
-                state.step,
-            )
+            probe.read(accelerator)
+            d = decide(accelerator, controller, ctl.Observation(eval_loss=math.inf, **obs), state, slots, data)
+            row = {"step": state.step, "tokens_seen": state.tokens_spent, "event": "nonfinite_rollback", "lr": lr}
+            log_row(accelerator, args, row | {"controller/" + k: v for k, v in d.as_dict().items()}, state.step)
             consecutive_bad = 0
 
-        # ---- evaluate, let the controller decide, log
-        decide_now = args.controller != "off" and state.step % args.controller_interval == 0 and not done
+        # ---- evaluate; at the end of a segment the controller decides; log
+        decide_now = deciding and state.segment_done >= n and not done
         if decide_now or state.step % args.eval_steps == 0 or done:
-            eval_loss, accuracy = last_eval = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)
-            train_loss = accelerator.reduce(interval_loss / max(interval_steps, 1), reduction="mean").item()
-            interval_loss.zero_()
-            interval_steps = 0
+            eval_loss, accuracy = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)
+            mean = torch.tensor(state.loss_sum / max(state.loss_steps, 1), device=accelerator.device)
+            train_loss = accelerator.reduce(mean, reduction="mean").item()
+            state.loss_sum, state.loss_steps = 0.0, 0
             row = {
                 "step": state.step,
                 "tokens_seen": state.tokens_spent,
+                "tokens_kept": state.model_tokens,
                 "train_loss": train_loss,
                 "eval_loss": eval_loss,
                 "perplexity": math.exp(min(eval_loss, 50)),
@@ -756,13 +1134,13 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
                 "elapsed_s": time.time() - t_run,
             }
             if decide_now:
-                d = decide(accelerator, controller, ctl.Observation(eval_loss=eval_loss, **obs), state, slots)
-                row.update({"controller/" + k: v for k, v in d.as_dict().items()})
+                h, align = probe.read(accelerator) if probe.active else (None, None)
+                obs |= {"eval_loss": eval_loss, "hypergradient": h}
+                d = decide(accelerator, controller, ctl.Observation(**obs), state, slots, data)
+                row |= {"hypergradient": h, "gradient_alignment": align}
+                row |= {"controller/" + k: v for k, v in d.as_dict().items()}
                 if d.stop:
-                    say(
-                        accelerator,
-                        f"[controller] no improvement for {args.controller_patience} decisions: stopping early",
-                    )
+                    say(accelerator, f"[controller] no improvement for {args.controller_patience} decisions: stopping")
                     done = True
             log_row(accelerator, args, row, state.step)
             say(
@@ -772,13 +1150,15 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
                 f"batch {row['effective_batch_size']}",
             )
 
-        # ---- checkpoint
-        if args.checkpointing_steps and state.step % args.checkpointing_steps == 0:
+        # ---- checkpoint (one due inside a measurement window waits for its end, so a resume measures the same)
+        checkpoint_due |= bool(args.checkpointing_steps) and state.step % (args.checkpointing_steps or 1) == 0
+        if checkpoint_due and not probe.active:
             save_checkpoint(accelerator, args.output_dir, state, controller, slots, args.save_total_limit)
+            checkpoint_due = False
         if done:
             break
     bar.close()
-    return last_eval, time.time() - t_run
+    return time.time() - t_run
 
 
 # ----------------------------------------------------------------------------- set-up and the end of the run
@@ -827,7 +1207,7 @@ def build_dataloaders(args, tokenizer, accelerator):
     return train_dl, DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size)
 
 
-def make_controller(args, lr):
+def make_controller(args, lr, budget_tokens):
     lo, hi = args.min_gradient_accumulation_steps, args.max_gradient_accumulation_steps
     return ctl.Controller(
         args.controller,
@@ -835,15 +1215,19 @@ def make_controller(args, lr):
         lr_bounds=lr_bounds(args, lr),
         grad_accum=args.gradient_accumulation_steps,
         grad_accum_bounds=(lo, hi),
+        budget_tokens=budget_tokens,
+        interval=args.controller_interval,
+        search_budget=args.search_budget,
         seed=args.controller_seed,
         patience=args.controller_patience,
     )
 
 
-def print_banner(args, accelerator, model, train_dl, eval_dl, state, micro_tokens):
+def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens):
     """The batch arithmetic, once: micro batch x processes x accumulation = effective batch."""
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).parameters())  # ZeRO-3
     world, gas, micro = accelerator.num_processes, state.grad_accum, args.per_device_train_batch_size
+    search = f"{args.search_budget:.0%} of the budget {'inside it' if args.search_in_budget else 'on top'}"
     accelerator.print(
         "***** Running training *****\n"
         f"  Model parameters = {n_params / 1e6:.2f}M, train blocks = {len(train_dl.dataset)}, "
@@ -851,8 +1235,9 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, micro_token
         f"  Micro batch per device = {micro} x processes = {world} x accumulation = {gas} -> effective batch = "
         f"{micro * world * gas} sequences = {gas * micro_tokens} tokens/step\n"
         f"  Budget = {state.budget // (gas * micro_tokens)} steps at the starting batch = {state.budget:,} tokens; "
-        f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, precision {args.mixed_precision}, "
-        f"controller {args.controller} every {args.controller_interval} steps"
+        f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, precision {args.mixed_precision}\n"
+        f"  Controller {args.controller} every {args.controller_interval} steps; rl's search may discard {search}; "
+        f"rollback slots: {slots.describe()}"
     )
 
 
@@ -871,15 +1256,24 @@ def prepare_output_dir(args, accelerator):
     accelerator.wait_for_everyone()
 
 
+def bytes_written():
+    """Bytes this process wrote to storage (Linux), or None."""
+    try:
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("write_bytes")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def peak_memory_mb():
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def finish(args, accelerator, model, tokenizer, state, last_eval, wall):
+def finish(args, accelerator, model, tokenizer, state, final, wall):
     """The final model (gathered under ZeRO-3), results.json, run.png and a generated sample."""
-    eval_loss, accuracy = last_eval
+    eval_loss, accuracy = final
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards
     accelerator.unwrap_model(model).save_pretrained(
@@ -895,12 +1289,16 @@ def finish(args, accelerator, model, tokenizer, state, last_eval, wall):
             "eval_loss": eval_loss,
             "perplexity": math.exp(min(eval_loss, 50)),
             "accuracy": accuracy,
+            "final_eval_batches": args.final_eval_batches or "all",
             "steps": state.step,
             "tokens_seen": state.tokens_spent,
+            "tokens_kept": state.model_tokens,
+            "tokens_discarded": state.tokens_spent - state.model_tokens,
             "wall_s": wall,
             "train_time_s": state.train_time,
             "train_tokens_per_s": state.tokens_spent / max(state.train_time, 1e-9),
             "peak_memory_mb": peak_memory_mb(),
+            "bytes_written": bytes_written(),
             "nonfinite_steps": state.nonfinite_steps,
             "rollbacks": state.rollbacks,
             "controller": args.controller,
@@ -944,7 +1342,7 @@ def sample(args, tokenizer):
 
 
 def plot_run(output_dir):
-    """run.png: eval loss, lr and batch size against tokens, and the controller's reward per decision."""
+    """run.png: eval loss, lr and batch size against tokens spent, and the controller's reward per decision."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -955,11 +1353,11 @@ def plot_run(output_dir):
     x = [r["tokens_seen"] for r in rows]
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.5))
     ax[0].plot(x, [r["eval_loss"] for r in rows], marker=".")
-    ax[0].set(title="eval loss", xlabel="tokens")
+    ax[0].set(title="eval loss", xlabel="tokens spent")
     ax[1].semilogy(x, [r["lr"] for r in rows], marker=".")
-    ax[1].set(title="learning rate", xlabel="tokens")
+    ax[1].set(title="learning rate", xlabel="tokens spent")
     ax[2].plot(x, [r["effective_batch_size"] for r in rows], marker=".")
-    ax[2].set(title="effective batch (sequences)", xlabel="tokens")
+    ax[2].set(title="effective batch (sequences)", xlabel="tokens spent")
     dec = [r for r in rows if "controller/reward" in r]
     ax[3].bar(range(len(dec)), [r["controller/reward"] for r in dec])
     ax[3].set(title="controller reward per decision", xlabel="decision")
@@ -972,6 +1370,9 @@ def plot_run(output_dir):
 def main(argv=None):
     args = parse_args(argv)
     ds_config = check_args(args)  # bad flags fail here, before any heavy import
+    saved = read_train_state(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if saved:
+        check_checkpoint_files(args.resume_from_checkpoint, saved)
     accelerator = make_accelerator(args, ds_config)
 
     # model, data, optimizer: built (and checked) before anything on disk changes
@@ -985,37 +1386,35 @@ def main(argv=None):
     gas = args.gradient_accumulation_steps
     micro_tokens = args.per_device_train_batch_size * args.block_size * accelerator.num_processes  # all ranks
     steps = args.max_train_steps or args.num_train_epochs * len(train_dl) // gas
-    state = TrainState(steps * gas * micro_tokens, gas, args.learning_rate, run_signature(args))
-    slots = Slots(accelerator, model, os.path.join(args.output_dir, "controller_slots"))
-    data = batches(accelerator, train_dl, state)
-    if args.lr_find_steps and not args.resume_from_checkpoint:  # the controller then starts at the suggested lr
+    state = TrainState(steps * gas * micro_tokens, args.search_in_budget, gas, args.learning_rate, run_signature(args))
+    slots = Slots(accelerator, model, os.path.join(args.output_dir, "controller_slots"), args.controller_slots, state)
+    data = DataStream(accelerator, train_dl, state)
+    if args.lr_find_steps and not saved:  # the controller then starts from the suggested lr
         state.learning_rate = lr_range_test(args, accelerator, model, optimizer, data, state, slots, micro_tokens)
-    controller = make_controller(args, state.learning_rate)
-    if args.resume_from_checkpoint:
+    controller = make_controller(args, state.learning_rate, state.budget)
+    if saved:
         accelerator.print(f"Resuming from {args.resume_from_checkpoint}")
-        load_checkpoint(accelerator, args.resume_from_checkpoint, state, controller, slots)
+        load_checkpoint(accelerator, args.resume_from_checkpoint, state, controller, slots, saved)
     if args.with_tracking:
-        accelerator.init_trackers(
-            "train", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        )
-    print_banner(args, accelerator, model, train_dl, eval_dl, state, micro_tokens)
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers("train", config=config)
+    print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens)
 
-    # train: the controller's start (the rl opening saves the initial weights), then the loop
+    # train: the controller's start (rl's search saves the initial weights), the loop, the final evaluation
     model.train()
     sf_opt = optimizer.optimizer if args.optimizer == "schedulefree" else None
     if sf_opt is not None:
         sf_opt.train()
-    if not args.resume_from_checkpoint:
+    if not saved:
         init_loss = (
             evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)[0] if args.controller == "rl" else None
         )
-        apply_decision(controller.start(init_loss), state, slots)
-    last_eval, wall = train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, micro_tokens)
-    if last_eval is None:  # resumed from a checkpoint taken at the very end of the budget
-        last_eval = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)
-    if accelerator.is_main_process:
-        slots.clear()
-    return finish(args, accelerator, model, tokenizer, state, last_eval, wall)
+        apply_decision(controller.start(init_loss), state, slots, data)
+    probe = GradientProbe(base_optimizer(model))
+    wall = train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, probe, micro_tokens)
+    final = evaluate(accelerator, model, eval_dl, args.final_eval_batches, sf_opt)
+    slots.clear()
+    return finish(args, accelerator, model, tokenizer, state, final, wall)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Unit tests of controller.py's math against hand-computed values (fast, no torch).
+"""Unit tests of controller.py: the math against hand-computed values, and the policies' decisions on scripted
+observation sequences (fast, no torch).
 
 Run: python -m pytest -q tests/test_controller.py
 """
@@ -16,7 +17,6 @@ def test_reward_is_relative_improvement_per_reference_tokens():
     assert ctl.compute_reward(2.0, 1.8, tokens=100, ref_tokens=100) == pytest.approx(0.1)
     # the same gain for twice the tokens (a doubled batch) earns half
     assert ctl.compute_reward(2.0, 1.8, tokens=200, ref_tokens=100) == pytest.approx(0.05)
-    # degradation is negative
     assert ctl.compute_reward(2.0, 2.2, tokens=100, ref_tokens=100) == pytest.approx(-0.1)
 
 
@@ -44,21 +44,22 @@ def test_update_learning_rate_rejects_alpha_below_one_and_clips():
     assert ctl.update_learning_rate(1e-3, -1.0, alpha=10.0, lr_min=5e-4) == 5e-4
 
 
-def test_update_batch_size_never_zero_and_can_grow():
-    # the design's prev * reward / max_reward gives 0 here; the fix keeps the batch
+def test_update_batch_size_follows_the_design_direction():
+    """A positive reward shrinks the batch, a negative one grows it (the design, section 4.3)."""
     assert ctl.update_batch_size(64, 0.0, 1.0) == 64
-    assert ctl.update_batch_size(64, 1.0, 1.0) == 128  # can grow
-    assert ctl.update_batch_size(64, -1.0, 1.0) == 32
-    assert ctl.update_batch_size(64, -100.0, 1.0) == 32  # bounded factor, never <= 0
-    assert ctl.update_batch_size(1, -1.0, 1.0) == 1
+    assert ctl.update_batch_size(64, 1.0, 1.0) == 32
+    assert ctl.update_batch_size(64, 0.5, 1.0) == 45  # 64 / 2**0.5 = 45.3; the design's 64 * 0.5 / 1 shrinks too
+    assert ctl.update_batch_size(64, -1.0, 1.0) == 128
+    assert ctl.update_batch_size(64, -100.0, 1.0) == 128  # bounded factor
+    assert ctl.update_batch_size(1, 1.0, 1.0) == 1  # never <= 0
 
 
 def test_update_batch_size_rounds_to_valid_multiple_and_bounds():
     # micro batch 8 x 2 processes = 16: 48 * 2**0.5 = 67.9 -> 64
-    assert ctl.update_batch_size(48, 0.5, 1.0, multiple=16) == 64
-    assert ctl.update_batch_size(16, -1.0, 1.0, multiple=16) == 16
-    assert ctl.update_batch_size(64, 1.0, 1.0, multiple=16, hi=96) == 96
-    assert ctl.update_batch_size(64, -1.0, 1.0, multiple=16, lo=48) == 48
+    assert ctl.update_batch_size(48, -0.5, 1.0, multiple=16) == 64
+    assert ctl.update_batch_size(16, 1.0, 1.0, multiple=16) == 16
+    assert ctl.update_batch_size(64, -1.0, 1.0, multiple=16, hi=96) == 96
+    assert ctl.update_batch_size(64, 1.0, 1.0, multiple=16, lo=48) == 48
 
 
 def test_reinforce_update_hand_computed():
@@ -72,20 +73,170 @@ def test_reinforce_update_hand_computed():
 
 
 def test_softmax_is_stable():
-    p = ctl.softmax([1000.0, 1000.0 + math.log(3)])
-    assert p == pytest.approx([0.25, 0.75])
+    assert ctl.softmax([1000.0, 1000.0 + math.log(3)]) == pytest.approx([0.25, 0.75])
 
 
-# ---------------------------------------------------------------- the policies
-def make(policy="rl", patience=None):
+def test_lr_range_suggestion_is_the_steepest_descent_before_the_minimum():
+    lrs = [1e-4 * 2**i for i in range(8)]
+    losses = [5.0, 4.9, 4.5, 3.5, 3.0, 2.9, 4.0, 9.0]
+    assert ctl.lr_range_suggestion(lrs, losses, beta=0.0) == lrs[2]  # 4.5 -> 3.5 is the steepest drop
+
+
+# ---------------------------------------------------------------- the protocol
+def test_observation_dict_with_a_misspelt_key_is_refused():
+    c = ctl.Controller("off", 1e-3, (1e-5, 1e-1), 1, (1, 4))
+    c.start()
+    with pytest.raises(TypeError):
+        c.step({"tokens": 10, "eval_loss": 3.0, "nonfinite_step": 1})  # not nonfinite_steps
+
+
+def test_decision_lr_shapes():
+    assert ctl.Decision(2.0, 1).lr_at(3, 10) == 2.0
+    cool = ctl.Decision(2.0, 1, cool=True)
+    assert [cool.lr_at(i, 3) for i in range(3)] == pytest.approx([1.5, 1.0, 0.5])  # down towards 0
+    ramp = ctl.Decision(4.0, 1, ramp_from=1.0)
+    assert [ramp.lr_at(i, 4) for i in range(4)] == pytest.approx([2.5, 4.0, 4.0, 4.0])  # up over the first half
+
+
+# ---------------------------------------------------------------- the rl search, on scripted observations
+TPS = 100  # tokens per optimizer step
+INTERVAL = 10
+
+
+def rl(budget_steps=400, search_budget=0.1, lo=1e-6, hi=1.0):
     return ctl.Controller(
-        policy, lr=1e-3, lr_bounds=(1e-8, 1e2), grad_accum=2, grad_accum_bounds=(1, 8), seed=3, patience=patience
+        "rl",
+        1e-3,
+        (lo, hi),
+        1,
+        (1, 4),
+        budget_tokens=budget_steps * TPS,
+        interval=INTERVAL,
+        search_budget=search_budget,
+        seed=0,
     )
 
 
-@pytest.fixture
-def no_opening(monkeypatch):
-    monkeypatch.setattr(ctl, "PROBE_TRIALS", 0)
+def run(c, script):
+    """Feed (eval_loss, hypergradient) per segment; returns the decisions, and the tokens spent and kept."""
+    d, spent, decisions = c.start(6.0), 0, []
+    for loss, h in script:
+        spent += (d.steps or INTERVAL) * TPS
+        d = c.step(ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens, hypergradient=h))
+        decisions.append(d)
+    return decisions, spent, c.kept
+
+
+def test_good_start_commits_without_wasting_trials():
+    """h mildly negative in the first segment (not too high, not clearly too low), near 0 in the second: the run
+    commits at the lr it started with; nothing is loaded, nothing discarded, every slot freed."""
+    c = rl()
+    decisions, spent, kept = run(c, [(3.3, -0.04), (2.8, -0.01)])
+    assert [d.action for d in decisions] == ["keep", "commit"]
+    assert not any(d.load for d in decisions) and spent == kept
+    assert c.lr_scale == 1.0 and c.policy.phase == "online" and not c.slot_kept
+
+
+def test_too_low_start_moves_up_without_a_rollback():
+    """h clearly negative once the early segments are over: up from the live weights (a rollback point is kept in
+    case it overshoots); the next reading near 0 commits and frees it."""
+    c = rl()
+    decisions, spent, kept = run(c, [(4.5, -0.05), (4.0, -0.12), (3.0, -0.01)])
+    up = decisions[1]
+    assert up.action.startswith("up_x") and not up.load and up.save == "best"  # kept for the safety net
+    assert c.lr_scale == pytest.approx(10 ** min(ctl.UP_MAX, ctl.UP_GAIN * 0.12))
+    assert up.ramp_from == 1.0  # the lr rises over the first half of the next segment, not in one jump
+    assert decisions[2].action == "commit" and "best" in decisions[2].drop
+    assert spent == kept  # nothing discarded
+
+
+def test_too_high_start_rolls_back_and_moves_down():
+    """h > 0 in the first segment: a trial from the initial weights at a lower lr, both compared after a cooldown;
+    the lower wins, so training goes on from its weights, at its lr."""
+    c = rl()
+    decisions, spent, kept = run(c, [(3.3, 0.02), (3.25, None), (3.2, -0.02), (2.9, None), (2.7, -0.01)])
+    down = 10**-ctl.TRIAL_DOWN
+    assert [d.action for d in decisions[:4]] == ["cooldown", f"trial_x{down:.3g}", "cooldown", f"pick_x{down:.3g}"]
+    assert decisions[0].save == "first" and decisions[0].cool and decisions[1].load == "init"
+    assert decisions[3].load == "trial"  # the trial's weights, from before its cooldown
+    assert c.lr_scale == pytest.approx(down)
+    assert decisions[4].action == "commit" and not c.slot_kept
+    cool = c.cool_steps * TPS
+    assert spent - kept == INTERVAL * TPS + 2 * cool  # discarded: the first segment and the two cooldowns
+
+
+def test_a_suspicion_that_the_trial_does_not_confirm_keeps_the_start():
+    """The same suspicion, but the first segment wins after the cooldown: back to its weights and its lr."""
+    c = rl()
+    decisions, *_ = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.4, None), (2.8, 0.0)])
+    assert decisions[3].action == "pick_x1" and decisions[3].load == "first" and c.lr_scale == 1.0
+
+
+def test_a_down_trial_that_ties_means_both_too_high_and_goes_further_down():
+    """The start and the trial a decade below end the same after the cooldown (stuck on the same plateau): training
+    goes on from the lower one's weights, another decade down, without a second rollback."""
+    c = rl()
+    decisions, *_ = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None)])
+    assert decisions[3].action.endswith("_then_down") and decisions[3].load == "trial"
+    assert c.lr_scale == pytest.approx(10 ** (-2 * ctl.TRIAL_DOWN))
+
+
+def test_a_winning_down_trial_that_still_reads_too_high_goes_half_a_step_further():
+    c = rl()
+    decisions, *_ = run(c, [(3.3, 0.02), (3.3, None), (3.1, 0.02), (3.0, None)])
+    assert decisions[3].action.endswith("_then_down") and decisions[3].load == "trial"
+    assert c.lr_scale == pytest.approx(10 ** (-1.5 * ctl.TRIAL_DOWN))
+
+
+def test_no_budget_no_trial():
+    """With a search budget too small for one trial and its cooldowns, a suspicion is not followed up."""
+    c = rl(search_budget=0.01)
+    decisions, spent, kept = run(c, [(3.3, 0.02), (2.9, -0.01)])
+    assert not any(d.load for d in decisions) and spent == kept
+
+
+def test_without_gradient_statistics_it_searches_by_cooled_trials():
+    """No hypergradient: trials from the initial weights, each followed by a cooldown; the best cooled trial
+    wins and its weights (before its cooldown) are kept."""
+    c = rl(search_budget=0.3)
+
+    def cooled(scale):  # V-shaped in log10(lr scale), best at x10
+        return 3.0 + abs(math.log10(scale) - 1.0)
+
+    d, spent = c.start(6.0), 0
+    for _ in range(30):
+        spent += (d.steps or INTERVAL) * TPS
+        d = c.step(ctl.Observation(tokens=spent, eval_loss=cooled(d.lr_scale) + (0.0 if d.cool else 0.3)))
+        if d.action == "commit":
+            break
+    assert d.action == "commit" and c.lr_scale == pytest.approx(10.0) and d.load.startswith("trial")
+    assert spent - c.kept <= 0.3 * c.budget_tokens  # within the search budget
+
+
+def test_state_dict_round_trip_mid_search_gives_identical_later_decisions():
+    script = [(3.3, 0.02), (3.25, None), (3.2, -0.02), (2.9, None), (2.7, -0.2), (2.6, 0.01), (2.5, None), (2.4, None)]
+    a, b = rl(), rl()
+    d, spent = a.start(6.0), 0
+    for loss, h in script[:3]:
+        spent += (d.steps or INTERVAL) * TPS
+        d = a.step(ctl.Observation(tokens=spent, eval_loss=loss, hypergradient=h))
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))  # plain data, survives JSON
+    rest = []
+    for c in (a, b):
+        d, s, out = c.pending, spent, []
+        for loss, h in script[3:]:
+            s += (d.steps or INTERVAL) * TPS
+            d = c.step(ctl.Observation(tokens=s, eval_loss=loss, hypergradient=h))
+            out.append(d.as_dict())
+        rest.append(out)
+    assert rest[0] == rest[1]
+
+
+# ---------------------------------------------------------------- the other policies and the safety net
+def make(policy, patience=None):
+    return ctl.Controller(
+        policy, lr=1e-3, lr_bounds=(1e-8, 1e2), grad_accum=2, grad_accum_bounds=(1, 8), seed=3, patience=patience
+    )
 
 
 def test_unknown_policy_is_refused():
@@ -93,59 +244,36 @@ def test_unknown_policy_is_refused():
         make("adam")
 
 
-def test_rl_policy_learns_the_best_arm_of_a_toy_bandit(no_opening):
-    """Online phase only: the loss improves most after 'lr_up', not at all after the others."""
-    c = ctl.Controller("rl", lr=1e-3, lr_bounds=(1e-60, 1e60), grad_accum=2, grad_accum_bounds=(1, 8), seed=3)
-    assert c.policy.phase == "online"
-    loss, tokens, counts = 3.0, 0, {}
-    d = None
-    for i in range(300):
-        gain = 0.02 if (d is not None and d.action == "lr_up") else 0.0
-        loss -= gain * loss
-        tokens += 1000 * c.grad_accum
-        d = c.step({"tokens": tokens, "eval_loss": loss, "progress": i / 300})
-        if i >= 200:
-            counts[d.action] = counts.get(d.action, 0) + 1
-    assert max(counts, key=counts.get) == "lr_up", counts
-    assert counts["lr_up"] > 50, counts
-
-
-def test_probe_finds_the_best_lr_and_keeps_its_weights(monkeypatch):
-    """Opening trials on a loss that is best at 10x the starting lr: the probe tries moves from
-    the initial weights (load init) and commits to the best trial's lr."""
-    monkeypatch.setattr(ctl, "PROBE_FRAC", 1.0)
-    c = make()
-    assert c.start().save == "init"
-
-    def trial_loss(scale):  # V-shaped in log10(lr scale), best at scale 10
-        return 3.0 + abs(math.log10(scale) - 1.0)
-
-    tokens, decisions = 0, []
-    for _ in range(10):
-        tokens += 1000
-        d = c.step({"tokens": tokens, "eval_loss": trial_loss(c.lr_scale), "progress": tokens / 1e5})
-        decisions.append(d)
-        if d.action == "commit":
-            break
-    assert decisions[-1].action == "commit"
-    assert c.lr_scale == pytest.approx(10.0)
-    assert all(d.load == "init" for d in decisions[:-1])  # every trial restarts from the initial weights
-    assert c.policy.phase == "online"
-
-
-def test_online_rollback_on_spike_and_nonfinite(no_opening):
-    c = make()
+def test_safety_ignores_the_runs_own_ups_and_downs_and_lowers_the_lr_on_nonfinite():
+    c = make("plateau")
+    c.start()
     c.step({"tokens": 1000, "eval_loss": 3.0})
-    scale = c.lr_scale
-    d = c.step({"tokens": 2000, "eval_loss": 3.0 * 1.5})
-    assert d.load == "best" and d.action == "rollback"
-    assert c.lr_scale == pytest.approx(scale * 0.5)
+    d = c.step({"tokens": 2000, "eval_loss": 3.0 * 1.5})  # a jump the controller did not cause: not its to undo
+    assert d.action != "rollback" and c.lr_scale == 1.0
     d = c.step({"tokens": 3000, "eval_loss": 2.9, "nonfinite_steps": 1})
-    assert d.load == "best" and d.reward == -ctl.MAX_REWARD
+    assert d.action == "rollback" and d.reward == -ctl.MAX_REWARD and not d.load
+    assert c.lr_scale == pytest.approx(ctl.SAFETY_LR_FACTOR)
+
+
+def test_a_spike_right_after_a_move_up_rolls_back_to_before_it():
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.04), (4.0, -0.12), (4.0 * 1.5, -0.01)])
+    assert decisions[1].save == "best"  # the move up puts the weights at risk: they are kept
+    assert decisions[2].action == "rollback" and decisions[2].load == "best"
+    assert c.lr_scale == pytest.approx(10 ** min(ctl.UP_MAX, ctl.UP_GAIN * 0.12) * ctl.SAFETY_LR_FACTOR)
+
+
+def test_online_the_climb_goes_on_while_the_reading_says_too_low():
+    """A plateau the first segments cannot see past: the search commits, then a later reading says too low."""
+    c = rl()
+    decisions, spent, kept = run(c, [(0.52, -0.02), (0.51, -0.01), (0.50, -0.01), (0.45, -0.2), (0.3, -0.005)])
+    assert decisions[1].action == "commit" and decisions[3].action.startswith("up_x") and decisions[3].phase == "online"
+    assert decisions[4].action == "keep" and "best" in decisions[4].drop and spent == kept
 
 
 def test_plateau_halves_lr_after_patience():
     c = make("plateau")
+    c.start()
     losses = [3.0, 2.9, 2.9, 2.9, 2.9, 2.9]
     actions = [c.step({"tokens": 1000 * (i + 1), "eval_loss": v}).action for i, v in enumerate(losses)]
     assert actions == ["keep", "keep", "keep", "keep", "lr_down", "keep"]
@@ -154,73 +282,16 @@ def test_plateau_halves_lr_after_patience():
 
 def test_seed_policy_applies_the_formulas():
     c = make("seed")
+    c.start()
     c.step({"tokens": 1000, "eval_loss": 3.0})
-    d = c.step({"tokens": 2000, "eval_loss": 2.7})  # reward 0.1 -> x 2 ** (0.1 * SEED_GAIN)
+    d = c.step({"tokens": 2000, "eval_loss": 2.7})  # reward 0.1 -> lr x 2 ** (0.1 * SEED_GAIN), batch / the same
     assert d.reward == pytest.approx(0.1)
     assert c.lr_scale == pytest.approx(2.0 ** (0.1 * ctl.SEED_GAIN))
-    assert c.grad_accum == ctl.update_batch_size(2, 0.1 * ctl.SEED_GAIN, ctl.MAX_REWARD, 1, 1, 8)
+    assert c.grad_accum == ctl.update_batch_size(2, 0.1 * ctl.SEED_GAIN, ctl.MAX_REWARD, 1, 1, 8) == 1
 
 
 def test_patience_stops():
     c = make("off", patience=2)
-    stops = [c.step({"tokens": i, "eval_loss": v}).stop for i, v in enumerate([3.0, 3.1, 3.2])]
+    c.start()
+    stops = [c.step({"tokens": i + 1, "eval_loss": v}).stop for i, v in enumerate([3.0, 3.1, 3.2])]
     assert stops == [False, False, True]
-
-
-def test_state_dict_round_trip_gives_identical_later_decisions(monkeypatch):
-    monkeypatch.setattr(ctl, "PROBE_FRAC", 0.3)
-    obs = [
-        {"tokens": 1000 * (i + 1), "eval_loss": 4.0 - 0.02 * i + 0.05 * (i % 3), "progress": i / 80} for i in range(80)
-    ]
-    a = make()
-    for o in obs[:15]:
-        a.step(o)
-    saved = json.loads(json.dumps(a.state_dict()))  # plain data, survives JSON
-    b = make()
-    b.load_state_dict(saved)
-    rest_a = [a.step(o).as_dict() for o in obs[15:]]
-    rest_b = [b.step(o).as_dict() for o in obs[15:]]
-    assert rest_a == rest_b
-    assert len({d["action"] for d in rest_a}) > 1  # the policy is really choosing
-
-
-def test_same_seed_same_decisions_other_seed_differs(no_opening):
-    obs = [{"tokens": 1000 * (i + 1), "eval_loss": 4.0 - 0.05 * i} for i in range(40)]
-    runs = []
-    for seed in (1, 1, 2):
-        c = ctl.Controller("rl", 1e-3, (1e-8, 1e2), 2, (1, 8), seed=seed)
-        runs.append([c.step(o).action for o in obs])
-    assert runs[0] == runs[1]
-    assert runs[0] != runs[2]
-
-
-@pytest.mark.parametrize("first_loss,up", [(5.2, True), (3.3, False)])
-def test_probe_first_move_follows_how_far_the_first_trial_got(first_loss, up, monkeypatch):
-    """From 6.0 at init: a first trial that took off little (5.2) suggests a too-low lr (go up);
-    one that took off a lot (3.3) may be too high, and the safe first move is down."""
-    monkeypatch.setattr(ctl, "PROBE_FRAC", 1.0)
-    went_up = 0
-    for seed in range(40):
-        c = ctl.Controller("rl", 1e-3, (1e-6, 1.0), 1, (1, 4), seed=seed)
-        c.start(eval_loss=6.0)
-        c.step({"tokens": 1000, "eval_loss": first_loss, "progress": 0.01})
-        went_up += c.lr_scale > 1
-    assert (went_up >= 32) if up else (went_up <= 8), went_up
-
-
-def test_probe_near_ties_go_to_the_lower_lr(monkeypatch):
-    """A trial at 10x that is only 1.5% better than the one at 1x does not win: after one interval a
-    too-high lr can look as good as the right one. The run goes on at 1x from its saved weights."""
-    monkeypatch.setattr(ctl, "PROBE_FRAC", 1.0)
-    monkeypatch.setattr(ctl, "PROBE_TRIALS", 2)
-    c = make()
-    c.start(eval_loss=6.0)
-    d1 = c.step({"tokens": 1000, "eval_loss": 5.5, "progress": 0.01})  # took off little: go up
-    assert d1.save == "best" and d1.load == "init" and c.lr_scale > 1
-    d2 = c.step({"tokens": 2000, "eval_loss": 5.5 * (1 - 0.015), "progress": 0.02})
-    assert d2.action == "commit" and c.lr_scale == 1.0 and d2.load == "best" and d2.save == ""
-    c = make()
-    c.start(eval_loss=6.0)
-    c.step({"tokens": 1000, "eval_loss": 5.5, "progress": 0.01})
-    d2 = c.step({"tokens": 2000, "eval_loss": 5.5 * (1 - 0.05), "progress": 0.02})  # clearly better: it wins
-    assert d2.action == "commit" and c.lr_scale > 1 and d2.load == "" and d2.save == "best"

@@ -1,6 +1,6 @@
 """Faults, bad input, interruption: what a user is promised in the README's "Failure behaviour".
 
-Run: python -m pytest -q tests/test_reliability.py      (about 4 minutes on 2 CPU cores)
+Run: python -m pytest -q tests/test_reliability.py      (about 6 minutes on 2 CPU cores)
 """
 
 import json
@@ -28,20 +28,28 @@ def previous_run(tmp_path):
     return out
 
 
-def bad_ds(tmp_path, content):
-    p = tmp_path / "ds.json"
-    p.write_text(content)
+def snapshot(path):
+    """Every file under path with its content: 'nothing on disk changed' is this, unchanged."""
+    return {os.path.join(d, n): open(os.path.join(d, n), "rb").read() for d, _, ns in os.walk(path) for n in ns}
+
+
+def write(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
     return str(p)
 
 
+# checked before any model, data or process group is built (in-process, fast)
 BAD = [
     (lambda t: ["--train_file", str(t / "missing.txt")], "--train_file"),
-    (lambda t: ["--train_file", str(t / "empty.txt")], "is empty"),
+    (lambda t: ["--train_file", write(t, "empty.txt", "")], "is empty"),
     (lambda t: ["--train_file", str(t)], "not a readable file"),
-    (lambda t: ["--train_file", str(t / "data.parquet")], "must end in"),
+    (lambda t: ["--train_file", write(t, "data.parquet", "x")], "must end in"),
+    (lambda t: ["--train_file", write(t, "latin1.txt", "caf\xe9\n".encode("latin-1"))], "is not UTF-8 text"),
     (lambda t: ["--controller", "magic"], "--controller"),
     (lambda t: ["--optimizer", "sgd"], "--optimizer"),
-    (lambda t: ["--min_lr", "1e-2", "--max_lr", "1e-3"], "--min_lr"),
+    (lambda t: ["--min_lr", "1e-2", "--max_lr", "1e-1"], "--min_lr"),
+    (lambda t: ["--max_lr", "1e-3"], "--learning_rate (0.003) <= --max_lr"),
     (lambda t: ["--min_lr", "-1"], "--min_lr"),
     (lambda t: ["--min_gradient_accumulation_steps", "4", "--max_gradient_accumulation_steps", "2"], "accumulation"),
     (lambda t: ["--gradient_accumulation_steps", "8", "--max_gradient_accumulation_steps", "4"], "accumulation"),
@@ -49,59 +57,218 @@ BAD = [
     (lambda t: ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
     (lambda t: ["--learning_rate", "0"], "--learning_rate"),
     (lambda t: ["--learning_rate", "nan"], "--learning_rate"),
-    (lambda t: ["--deepspeed_config", bad_ds(t, "{not json")], "--deepspeed_config"),
-    (lambda t: ["--deepspeed_config", bad_ds(t, '{"optimizer": {"type": "AdamW"}}')], "defines 'optimizer'"),
-    (lambda t: ["--deepspeed_config", bad_ds(t, '{"train_micro_batch_size_per_gpu": 4}')], 'must be "auto"'),
-    (lambda t: ["--deepspeed_config", bad_ds(t, '{"zero_optimization": {"stage": 7}}')], "stage"),
+    (lambda t: ["--seed", "-1"], "--seed"),
+    (lambda t: ["--search_budget", "1.5"], "--search_budget"),
+    (lambda t: ["--mixed_precision", "fp16"], "needs a GPU"),
+    (lambda t: ["--config_overrides", "nokey"], "is not key=value"),
+    (lambda t: ["--lr_find_steps", "100", "--max_train_steps", "40"], "must be below the budget"),
+    (lambda t: ["--deepspeed_config", write(t, "ds.json", "{not json")], "--deepspeed_config"),
+    (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"optimizer": {"type": "AdamW"}}')], "defines 'optimizer'"),
+    (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"train_micro_batch_size_per_gpu": 4}')], 'must be "auto"'),
+    (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": {"stage": 7}}')], "stage"),
+    (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": 2}')], "must be an object"),
     (lambda t: ["--deepspeed_config", str(t / "nope.json")], "--deepspeed_config"),
     (lambda t: ["--optimizer", "schedulefree"], "--zero_stage 0"),
     (lambda t: ["--resume_from_checkpoint", str(t / "step_9")], "--resume_from_checkpoint"),
     (lambda t: ["--resume_from_checkpoint", "latest"], "no complete step_N"),
     (lambda t: ["--model_name_or_path", str(t)], "not a model directory"),
+    (lambda t: ["--model_name_or_path", str(t / "no-such-model")], "does not exist"),
+    (lambda t: ["--output_dir", write(t, "a-file", "x")], "is a file"),
+    (lambda t: ["--output_dir", "/proc/no/such/dir"], "not writable"),
 ]
 
 
 @pytest.mark.parametrize("make_args,expected", BAD, ids=[e for _, e in BAD])
-def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, previous_run, make_args, expected, capsys):
-    (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "data.parquet").write_text("x")
-    before = {p: p.read_text() for p in previous_run.iterdir()}
+def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, previous_run, make_args, expected):
+    before = snapshot(previous_run)
     with pytest.raises(SystemExit) as e:
         train.main(["--output_dir", str(previous_run), "--overwrite_output_dir", *make_args(tmp_path)])
     msg = str(e.value.code)
     assert msg.startswith("train.py: error:") and "\n" not in msg and expected in msg, msg
-    assert {p: p.read_text() for p in previous_run.iterdir()} == before  # nothing on disk touched
+    assert snapshot(previous_run) == before
 
 
-def test_previous_run_is_not_overwritten_without_the_flag(previous_run):
-    before = {p: p.read_text() for p in previous_run.iterdir()}
+def test_previous_run_or_model_is_not_overwritten_without_the_flag(previous_run, tmp_path):
+    before = snapshot(previous_run)
     with pytest.raises(SystemExit) as e:
         train.main(["--output_dir", str(previous_run)])
-    assert "--overwrite_output_dir" in str(e.value.code)
-    assert {p: p.read_text() for p in previous_run.iterdir()} == before
-
-
-def test_incompatible_checkpoint_is_refused(tmp_path):
-    ckpt = tmp_path / "out" / "step_4"
-    ckpt.mkdir(parents=True)
-    sig = train.run_signature(train.parse_args([])) | {"block_size": 64}
-    (ckpt / "train_state.json").write_text(json.dumps({"train": {"signature": sig}}))
+    assert "--overwrite_output_dir" in str(e.value.code) and snapshot(previous_run) == before
+    model = tmp_path / "model"  # fine-tuning into the model's own directory would overwrite it
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
     with pytest.raises(SystemExit) as e:
-        train.main(["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "latest"])
-    assert "incompatible run: block_size was 64, now 128" in str(e.value.code)
+        train.main(["--model_name_or_path", str(model), "--output_dir", str(model)])
+    assert "--overwrite_output_dir" in str(e.value.code) and (model / "model.safetensors").read_bytes() == b"weights"
+
+
+def jsonl(rows_):
+    return "\n".join(json.dumps(r) for r in rows_)
+
+
+# found only once the data, tokenizer or model are loaded: each a real train.py process, with a previous run in
+# --output_dir and --overwrite_output_dir, which must survive the error untouched
+LATE = [
+    (
+        "blank lines only",
+        lambda t: ["--train_file", write(t, "blank.txt", "\n \n\n  \n" * 50)],
+        "fewer than --block_size",
+    ),
+    (
+        "no text column",
+        lambda t: ["--train_file", write(t, "c.jsonl", jsonl({"body": f"x {i}"} for i in range(300)))],
+        "--text_column 'text' is not a column of the train data (it has body)",
+    ),
+    (
+        "numbers for text",
+        lambda t: ["--train_file", write(t, "n.csv", "text\n" + "\n".join(map(str, range(300))))],
+        "holds int64, not text",
+    ),
+    (
+        "named column missing",
+        lambda t: [
+            "--train_file",
+            write(t, "t.jsonl", jsonl({"text": "to be"} for _ in range(300))),
+            "--text_column",
+            "content",
+        ],
+        "--text_column 'content' is not a column",
+    ),
+    (
+        "too few texts to split",
+        lambda t: ["--train_file", write(t, "few.jsonl", jsonl([{"text": "x" * 5000}] * 3))],
+        "too few to hold out",
+    ),
+    ("override of the wrong type", lambda t: ["--config_overrides", "n_layer=abc"], "--config_overrides"),
+    ("empty model config", lambda t: ["--model_name_or_path", empty_model(t)], "no causal LM could be built"),
+]
+
+
+def empty_model(tmp_path):
+    d = tmp_path / "empty-model"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    from transformers import ByT5Tokenizer
+
+    ByT5Tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def one_line_failure(p, expected):
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    assert p.returncode != 0 and last.startswith("train.py: error:") and expected in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name,make_args,expected", LATE, ids=[n for n, _, _ in LATE])
+def test_bad_data_or_model_is_refused_in_one_line_and_the_previous_run_survives(
+    tmp_path, previous_run, name, make_args, expected
+):
+    before = snapshot(previous_run)
+    p = launch(TINY + ["--output_dir", str(previous_run), "--overwrite_output_dir", *make_args(tmp_path)], check=False)
+    one_line_failure(p, expected)
+    assert snapshot(previous_run) == before
 
 
 def test_block_size_larger_than_the_data(tmp_path):
-    f = tmp_path / "tiny.txt"
-    f.write_text("To be, or not to be.\n" * 3)
+    f = write(tmp_path, "tiny.txt", "To be, or not to be.\n" * 3)
     p = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--train_file", str(f), "--output_dir", str(tmp_path / "o")],
+        [sys.executable, os.path.join(ROOT, "train.py"), "--train_file", f, "--output_dir", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert p.returncode != 0
-    assert "fewer than --block_size=128 tokens" in p.stderr.strip().splitlines()[-1]
+    one_line_failure(p, "fewer than --block_size=128 tokens")
+
+
+# ---------------------------------------------------------------- checkpoints: incompatible, damaged
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A tiny rl run with a checkpoint every 4 steps (the rl search holds slots in some of them)."""
+    out = str(tmp_path_factory.mktemp("ck") / "run")
+    launch(TINY + ["--output_dir", out, "--checkpointing_steps", "4", "--search_budget", "0.5"])
+    return out
+
+
+def test_incompatible_resume_is_refused(checkpointed, tmp_path):
+    out = str(tmp_path / "out")
+    shutil.copytree(os.path.join(checkpointed, "step_8"), os.path.join(out, "step_8"))
+    base = TINY + ["--output_dir", out, "--search_budget", "0.5", "--resume_from_checkpoint", "latest"]
+    for extra, expected in [
+        (["--learning_rate", "1e-2"], "learning_rate was 0.003, now 0.01"),
+        (["--zero_stage", "3"], "zero_stage was 2, now 3"),
+        (["--block_size", "64"], "block_size was 32, now 64"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            train.main(base + extra)
+        assert "incompatible run" in str(e.value.code) and expected in str(e.value.code), e.value.code
+
+
+DAMAGE = {
+    "emptied train_state.json": ("train_state.json", lambda p: open(p, "w").close(), "not a valid train_state.json"),
+    "deleted model file": ("pytorch_model/mp_rank_00_model_states.pt", os.remove, "missing"),
+    "truncated optimizer file": (
+        "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        lambda p: os.truncate(p, os.path.getsize(p) // 2),
+        "bytes, written with",
+    ),
+    "deleted rng state": ("random_states_0.pkl", os.remove, "missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_checkpoint_is_named_in_one_line(checkpointed, tmp_path, case):
+    rel, damage, expected = DAMAGE[case]
+    out = tmp_path / "out"
+    shutil.copytree(os.path.join(checkpointed, "step_8"), out / "step_8")
+    damage(str(out / "step_8" / rel))
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--output_dir", str(out), "--search_budget", "0.5", "--resume_from_checkpoint", "latest"])
+    assert expected in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+    assert (
+        rel.split("/")[-1] in str(e.value.code) or case == "emptied train_state.json" or expected in str(e.value.code)
+    )
+    assert snapshot(out) == before
+
+
+def test_damaged_rollback_slot_is_named_when_resuming(checkpointed, tmp_path):
+    """A checkpoint taken during the rl search holds slots; a truncated slot file is found at the resume, not at
+    the first rollback."""
+    with_slots = [
+        n
+        for n in sorted(os.listdir(checkpointed))
+        if n.startswith("step_")
+        and os.path.isdir(os.path.join(checkpointed, n, "controller_slots"))
+        and any(files for _, _, files in os.walk(os.path.join(checkpointed, n, "controller_slots")))
+    ]
+    assert with_slots, os.listdir(checkpointed)
+    out = tmp_path / "out"
+    shutil.copytree(os.path.join(checkpointed, with_slots[0]), out / with_slots[0])
+    slot_file = next(os.path.join(d, f) for d, _, fs in os.walk(out / with_slots[0] / "controller_slots") for f in fs)
+    os.truncate(slot_file, 10)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--output_dir", str(out), "--search_budget", "0.5", "--resume_from_checkpoint", "latest"])
+    assert "controller_slots" in str(e.value.code) and "damaged" in str(e.value.code), e.value.code
+
+
+# ---------------------------------------------------------------- the lr range test and its state
+def test_lr_range_test_then_rl_starts_from_the_suggestion_and_a_resume_keeps_it(tmp_path):
+    """--lr_find_steps with --controller rl: the range test runs first (its tokens discarded), the controller starts
+    from the suggested lr with bounds around it, and a resume continues at the suggested lr, not the flag's."""
+    common = TINY + ["--lr_find_steps", "6", "--controller", "rl", "--max_train_steps", "24"]
+    full = str(tmp_path / "full")
+    p = launch(common + ["--output_dir", full, "--checkpointing_steps", "12"])
+    line = next(x for x in p.stdout.splitlines() if x.startswith("[lr_find]"))
+    suggested = float(line.split()[-1])
+    res = results(full)
+    assert res["learning_rate"] == pytest.approx(suggested) and res["tokens_discarded"] >= 6 * 4 * 32
+    first = rows(full)[0]
+    assert first["lr"] <= suggested * 1.0001  # the schedule x the controller's multiplier, around the suggestion
+    resumed = str(tmp_path / "resumed")
+    launch(common + ["--output_dir", resumed, "--resume_from_checkpoint", os.path.join(full, "step_12")])
+    assert results(resumed)["learning_rate"] == pytest.approx(suggested)
+    assert results(resumed)["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-6)
 
 
 # ---------------------------------------------------------------- non-finite losses never reach the weights
@@ -126,24 +293,39 @@ def assert_finite_model(out):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_nan_at_the_last_step_never_reaches_the_weights(tmp_path, stage):
+    """16 steps of one micro-batch each: forward call 16 is the last step's. ZeRO 1-2 skip it in DeepSpeed's
+    overflow check, stage 0 in SkipNonFinite; the saved model and the final evaluation are finite."""
+    out, p = fault_launch(tmp_path, {"FAULT_CALLS": "16"}, ["--controller", "off", "--zero_stage", str(stage)])
+    res = results(out)
+    assert res["nonfinite_steps"] == 1 and res["eval_loss"] < 5.9, p.stdout[-2000:]
+    assert_finite_model(out)
+
+
+def test_one_nan_is_one_skipped_step_at_zero_stage_0(tmp_path):
+    """Before the fix, a NaN at step 6 reached the weights at stage 0 and steps 7 and 8 were non-finite too."""
+    out, p = fault_launch(tmp_path, {"FAULT_CALLS": "6"}, ["--controller", "off", "--zero_stage", "0"])
+    assert p.stdout.count("update skipped") == 1 and results(out)["nonfinite_steps"] == 1
+    assert_finite_model(out)
+
+
 @pytest.mark.parametrize("kind", ["nan", "inf"])
 def test_isolated_nonfinite_steps_are_skipped(tmp_path, kind):
-    out, p = fault_launch(tmp_path, {"FAULT_CALLS": "6,11", "FAULT_KIND": kind}, ["--controller", "rl"])
+    out, p = fault_launch(tmp_path, {"FAULT_CALLS": "6,11", "FAULT_KIND": kind}, ["--controller", "plateau"])
     assert p.stdout.count("update skipped") == 2
     res = results(out)
-    assert res["nonfinite_steps"] == 2
-    assert res["eval_loss"] < 5.9  # below ln(384) = 5.95 at init: still learning
+    assert res["nonfinite_steps"] == 2 and res["eval_loss"] < 5.9  # below ln(384) = 5.95 at init: still learning
     assert_finite_model(out)
     # the controller saw it: the decision after the fault earned the strong negative reward
-    decisions = [r for r in rows(out) if "controller/reward" in r]
-    assert any(r["controller/reward"] == -1.0 for r in decisions)
+    assert any(r.get("controller/reward") == -1.0 for r in rows(out))
 
 
-def test_consecutive_nonfinite_steps_roll_back_and_lower_the_lr(tmp_path):
+def test_consecutive_nonfinite_steps_lower_the_lr_at_once(tmp_path):
     out, p = fault_launch(tmp_path, {"FAULT_CALLS": "9,10,11"}, ["--controller", "plateau"])
     events = [r for r in rows(out) if r.get("event") == "nonfinite_rollback"]
     assert len(events) == 1, p.stdout[-2000:]
-    assert events[0]["controller/load"] == "best" and events[0]["controller/lr_scale"] == 0.5
+    assert events[0]["controller/action"] == "rollback" and events[0]["controller/lr_scale"] == 0.5
     assert results(out)["nonfinite_steps"] == 3
     assert_finite_model(out)
 
@@ -154,8 +336,14 @@ def test_consecutive_nonfinite_steps_without_controller_stop_cleanly(tmp_path):
     assert "3 consecutive non-finite steps at step 7" in p.stderr
 
 
-def test_fault_on_one_rank_only_is_handled_on_both(tmp_path):
-    out, p = fault_launch(tmp_path, {"FAULT_CALLS": "6", "FAULT_RANK": "1"}, ["--controller", "rl"], processes=2)
+@pytest.mark.parametrize("stage", [0, 2])
+def test_fault_on_one_rank_only_is_handled_on_both(tmp_path, stage):
+    out, p = fault_launch(
+        tmp_path,
+        {"FAULT_CALLS": "6", "FAULT_RANK": "1"},
+        ["--controller", "rl", "--zero_stage", str(stage)],
+        processes=2,
+    )
     assert "[fault] rank 1 call 6" in p.stdout
     res = results(out)
     assert res["nonfinite_steps"] == 1 and res["num_processes"] == 2
@@ -180,12 +368,12 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, text_fil
         "4",
         "--save_total_limit",
         "2",
+        "--search_budget",
+        "0.5",
     ]
     ref = str(tmp_path / "ref")
     launch(common + ["--output_dir", ref])
-    last = results(ref)["steps"]  # the budget is in tokens: batch-size changes move the last step
-    newest = [f"step_{s}" for s in range(4, last + 1, 4)][-2:]
-    assert sorted(n for n in os.listdir(ref) if n.startswith("step_")) == sorted(newest)  # --save_total_limit 2
+    assert len([n for n in os.listdir(ref) if n.startswith("step_")]) == 2  # --save_total_limit 2
 
     out = str(tmp_path / "killed")
     # kill 1: while step_8 is being written (its .tmp exists); kill 2: right after step_16 is complete
@@ -208,10 +396,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, text_fil
             cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.time() + 300
-        marks = [
-            os.path.join(out, wait_for),
-            os.path.join(out, wait_for.removesuffix(".tmp")),
-        ]  # if the save was too quick to see
+        marks = [os.path.join(out, wait_for), os.path.join(out, wait_for.removesuffix(".tmp"))]  # a too quick save
         while not any(os.path.exists(m) for m in marks) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.002)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -221,11 +406,11 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, text_fil
     os.makedirs(os.path.join(out, "step_99.tmp"), exist_ok=True)
     os.makedirs(os.path.join(out, "step_98"), exist_ok=True)  # no train_state.json: incomplete
     p = launch(common + ["--output_dir", out, "--resume_from_checkpoint", "latest"])
-    assert "Resuming from" in p.stdout and "step_16" in p.stdout
-    assert results(out)["eval_loss"] == pytest.approx(results(ref)["eval_loss"], rel=1e-5)
+    resumed_from = int(next(x for x in p.stdout.splitlines() if "Resuming from" in x).rsplit("step_", 1)[1])
+    assert resumed_from >= 16
+    assert results(out)["eval_loss"] == pytest.approx(results(ref)["eval_loss"], rel=1e-6)
     a = {r["step"]: r for r in rows(ref)}
     for r in rows(out):
-        if r["step"] > 16:
-            assert r["eval_loss"] == pytest.approx(a[r["step"]]["eval_loss"], rel=1e-5)
+        if r["step"] > resumed_from:
+            assert r["eval_loss"] == pytest.approx(a[r["step"]]["eval_loss"], rel=1e-6)
             assert r.get("controller/action") == a[r["step"]].get("controller/action")
-    shutil.rmtree(out)

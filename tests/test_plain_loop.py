@@ -1,0 +1,74 @@
+"""The README's snippet, executed as written, in a plain PyTorch loop on a small regression network (no Accelerate,
+no DeepSpeed, a loss near 0): the controller at the best lr ends where the loop alone does, and rescues a start
+30x too low and one 10x too high.
+
+Run: python -m pytest -q tests/test_plain_loop.py      (about 30 seconds)
+"""
+
+import math
+import os
+import re
+
+import pytest
+import torch
+from helpers import ROOT
+
+BEST_LR = 3e-2  # the best of 1e-3, 3e-3, 1e-2, 3e-2, 1e-1 for this task, found by a sweep with the loop alone
+
+
+def readme_snippet():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("### Using controller.py in your own loop") :]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def run(base_lr, policy, seed=0):
+    torch.manual_seed(seed)
+    x, w = torch.randn(4096, 16), torch.randn(16, 1)
+    y = torch.sin(x @ w) + 0.1 * torch.randn(4096, 1)
+    xv = torch.randn(1024, 16)
+    yv = torch.sin(xv @ w)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+    )
+    order = torch.cat([torch.randperm(4096, generator=torch.Generator().manual_seed(seed)) for _ in range(40)])
+
+    def evaluate():
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(model(xv), yv).item()
+
+    env = {
+        "model": model,
+        "opt": torch.optim.Adam(model.parameters(), lr=base_lr),
+        "base_lr": base_lr,
+        "steps": 1000,
+        "tokens_per_step": 32,
+        "evaluate": evaluate,
+        "batch": lambda pos: (model(x[order[pos * 32 : (pos + 1) * 32]]), y[order[pos * 32 : (pos + 1) * 32]]),
+        "loss_fn": torch.nn.functional.mse_loss,
+        "schedule": lambda frac: min(1.0, (1000 * frac + 1) / 31) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))),
+    }
+    code = readme_snippet().replace('"rl"', f'"{policy}"')
+    exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, run as the user would
+    return evaluate(), env["spent"]
+
+
+@pytest.fixture(scope="module")
+def off():
+    return {lr: run(lr, "off")[0] for lr in (BEST_LR / 30, BEST_LR, BEST_LR * 10)}
+
+
+def test_at_the_best_lr_the_controller_ends_where_the_loop_alone_does(off):
+    loss, _ = run(BEST_LR, "rl")
+    assert loss <= off[BEST_LR] * 1.02, (loss, off[BEST_LR])
+
+
+def test_a_start_30x_too_low_is_rescued(off):
+    loss, spent = run(BEST_LR / 30, "rl")
+    assert loss < off[BEST_LR / 30] / 5 and spent <= 1000 * 1.1, (loss, off)
+
+
+def test_a_start_10x_too_high_is_rescued(off):
+    loss, spent = run(BEST_LR * 10, "rl")
+    assert loss < off[BEST_LR * 10] / 5 and spent <= 1000 * 1.1, (loss, off)
