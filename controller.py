@@ -1,28 +1,29 @@
 """A reinforcement-learning controller for the learning rate and the batch size.
 
-Pure Python (standard library only): functions take numbers and return numbers, and the Controller
-keeps its state in plain attributes with state_dict()/load_state_dict(). Copy this file into any
-training loop. The loop runs one segment of optimizer steps at a time, evaluates, and asks:
+Pure Python (standard library only): functions take numbers and return numbers, and the Controller keeps its
+state in plain attributes with state_dict()/load_state_dict(). Copy this file into any training loop (the README
+shows one). The loop runs one segment of optimizer steps at a time, evaluates, and asks:
 
-    d = ctrl.start(initial_eval_loss)           # once; then for every segment:
-    for i in range(d.steps or interval):        # d.steps: this segment's length (0: the loop's interval)
-        lr = base_lr * schedule(kept_tokens) * d.lr_at(i, n)   # d.lr_at: the controller's multiplier
+    d = ctrl.start(initial_eval_loss)                # once; then for every segment:
+    for i in range(n := d.steps or interval):        # d.steps: this segment's length
+        lr = base_lr * schedule(kept_tokens) * d.lr_at(i, n)   # the controller's multiplier
         ... d.grad_accum micro-batches, backward, optimizer step
-    d = ctrl.step(Observation(tokens=tokens_spent, eval_loss=val_loss, progress=kept_tokens / budget))
+    d = ctrl.step(Observation(tokens=tokens_spent, eval_loss=val_loss, progress=kept_tokens / budget,
+                              hypergradient=h))      # h over the segment's second half when d.measure, else None
 
-and applies each decision's slots: d.save (save weights + optimizer state + data position under a
-name), then d.load (load a slot: a rollback), then d.drop (free slots no longer needed).
+and applies each decision's slots: d.save (weights + optimizer state + data position under a name), then d.load
+(a rollback to a slot), then d.drop (free the slots no longer needed).
 
 The design's loop (state -> action -> reward -> policy update, once per segment):
-  state   where training stands: eval loss, progress, the lr multiplier and batch, the trials so far
-  action  a change of lr and/or batch size; in the search, a trial of an lr from a saved point
-          (the rollback is the action's first half)
-  reward  the eval-loss improvement per token (compute_reward); in the search, a trial's improvement
-          over the best trial, both compared after a short cooldown on identical batches
-  update  REINFORCE with a baseline: theta += eta * (R - b) * grad log pi(a | s)
+  state   eval loss, progress, the hypergradient (is a larger lr better right now?), the trials so far
+  action  a change of lr and/or batch size; in the search, a trial of an lr from the initial weights (the
+          rollback is the action's first half) and a cooldown to compare it
+  reward  the relative eval-loss improvement per token (compute_reward); a trial's is its cooled improvement
+          over the first segment's, on the same batches
+  update  the search keeps the better trial's weights (exploit); without gradient statistics, REINFORCE on the
+          trial directions: theta += eta * (R - b) * grad log pi(a | s)
 
-Policies (POLICIES): "rl" (learned, below), "seed" (the design's fixed formulas),
-"plateau" (ReduceLROnPlateau), "off".
+Policies (POLICIES): "rl" (below), "seed" (the design's fixed formulas), "plateau" (ReduceLROnPlateau), "off".
 """
 
 import dataclasses
@@ -204,17 +205,6 @@ ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
 COOL_FRAC = 0.4  # a cooldown's length, as a share of the interval (at least 2 steps)
 MOVES = (1.0, 0.5, 0.25)  # the trial search's step sizes in decades of lr, coarse to fine
 SEARCH_ETA = 0.5  # learning rate of the trial search's direction preferences (REINFORCE)
-# rl online: (name, lr factor, accumulation factor); keep is preferred at first (p = 0.83)
-ONLINE_ACTIONS = (
-    ("keep", 1.0, 1.0),
-    ("lr_down", 0.8, 1.0),
-    ("lr_up", 1.25, 1.0),
-    ("batch_up", 1.0, 2.0),
-    ("batch_down", 1.0, 0.5),
-)
-ONLINE_KEEP_LOGIT = 3.0
-ONLINE_ETA = 0.5
-BASELINE_RATE = 0.2  # running mean and variance of the reward, for the advantage
 # plateau (torch's ReduceLROnPlateau defaults, but patience 2)
 PLATEAU_FACTOR, PLATEAU_PATIENCE, PLATEAU_THRESHOLD = 0.5, 2, 1e-3
 
@@ -272,21 +262,20 @@ class Plateau(Off):
 
 
 class RL(Off):
-    """Search, then online.
+    """Search, then online; every decision at the end of a segment the policy asked for.
 
-    Search by the hypergradient (when the loop measures it): training goes on at the given lr while the policy
-    reads h over each segment's second half. A too-high lr does lasting damage within a few dozen steps, so a
-    first reading h > 0 rolls back to the weights from before that lr and goes down; a too-low lr does none, so a
-    reading h < -LOW_H (trusted once the fast first segments are over) moves up from the live weights, keeping a
-    rollback point in case the move overshoots. When neither, the search commits: at a good start the run
-    never left its lr and nothing was discarded.
+    Search by the hypergradient h (when the loop measures it). After the first segment, h > 0 suspects a too-high
+    lr and h < -SUSPECT_LOW a too-low one; a suspicion is settled by one trial from the initial weights on the same
+    batches, both compared after a short cooldown: the trial's reward is its cooled improvement over the first
+    segment (compute_reward), and the better one's weights go on. Then, from the live weights, up while h says too
+    low (a too-low lr does no damage), then commit. At a good start no trial runs and nothing is discarded.
 
-    Search by trials (no gradient statistics): trials of one lr each from a saved point ("init") on the same
-    batches, each ended by a short cooldown and compared by the cooled eval loss; the next trial's direction is
-    sampled from preferences that REINFORCE updates (+1 when the trial becomes the best, -1 otherwise). The best
-    trial's weights (before its cooldown) are kept, so only the other trials and the cooldowns are discarded.
+    Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
+    cooldown and compared by the cooled loss; the direction of the next trial is drawn from preferences that
+    REINFORCE updates with the trial's outcome (+1 when it becomes the best, -1 otherwise).
 
-    Online: the safety rollback (Controller.step) and the reward-driven moves of ONLINE_ACTIONS."""
+    Online: the climb goes on through the first ONLINE_UNTIL of the run; the safety net (Controller.step) undoes a
+    move up that the next evaluation punishes."""
 
     def __init__(self):
         self.phase = "search"
@@ -313,6 +302,12 @@ class RL(Off):
             return self._trial_search(ctl, obs, nonfinite)
         return self._gradient_search(ctl, obs, nonfinite)
 
+    def _cooldown(self, ctl, slot):
+        """Keep the weights (slot), then a short cooldown of the lr to compare by the cooled loss."""
+        return Decision(
+            ctl.lr_scale, ctl.grad_accum, steps=ctl.cool_steps, cool=True, action="cooldown", save=slot, phase="search"
+        )
+
     def _commit(self, ctl, action="commit", load="", **kw):
         """The search is over: go on at ctl.lr_scale (from slot `load`, if given) and free every slot."""
         self.phase = "online"
@@ -336,15 +331,7 @@ class RL(Off):
                 and ctl.room(obs.tokens, cost, ctl.kept)
             ):
                 self.stage, self.trial_scale = "cool_first", ctl.clip(ctl.lr_scale * factor)
-                return Decision(
-                    ctl.lr_scale,
-                    ctl.grad_accum,
-                    steps=ctl.cool_steps,
-                    cool=True,
-                    action="cooldown",
-                    save="first",
-                    phase="search",
-                )
+                return self._cooldown(ctl, "first")
             self.stage = "climb"
             return self._climb(ctl, h, drop=("init",))
         if self.stage == "cool_first":
@@ -361,20 +348,13 @@ class RL(Off):
         if self.stage == "trial":
             self.trial = {"scale": ctl.lr_scale, "raw": loss, "h": h, "slot": "trial"}
             self.stage = "cool_trial"
-            return Decision(
-                ctl.lr_scale,
-                ctl.grad_accum,
-                steps=ctl.cool_steps,
-                cool=True,
-                action="cooldown",
-                save="trial",
-                phase="search",
-            )
+            return self._cooldown(ctl, "trial")
         if self.stage == "cool_trial":  # the better of the two after the cooldown goes on, from before its cooldown
             first, trial = self.first, self.trial
             trial["cooled"] = loss
+            reward = compute_reward(first["cooled"], trial["cooled"], 1, 1)  # the trial's relative improvement
             win = min((first, trial), key=lambda t: (t["cooled"], t["scale"]))
-            tie = abs(trial["cooled"] - first["cooled"]) <= BOTH_HIGH_TIE * first["cooled"]
+            tie = abs(reward) <= BOTH_HIGH_TIE
             both_high = trial["scale"] < first["scale"] and tie
             win = trial if both_high else win
             ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"
@@ -471,10 +451,10 @@ class RL(Off):
         self.segment = "trial"
         best = min(self.trials, key=lambda t: (t["cooled"], t["scale"]))
         if self.last_direction is not None:  # REINFORCE on the direction that produced this trial
+            theta = [[p] for p in self.direction_pref]
             gain = 1.0 if best is trial else -1.0
-            probs = softmax(self.direction_pref)
-            for a in range(2):
-                self.direction_pref[a] += SEARCH_ETA * gain * ((1.0 if a == self.last_direction else 0.0) - probs[a])
+            reinforce_update(theta, [1.0], softmax(self.direction_pref), self.last_direction, gain, SEARCH_ETA)
+            self.direction_pref = [row[0] for row in theta]
         losers = tuple(t["slot"] for t in self.trials if t is not best and t["slot"])
         for t in self.trials:
             t["slot"] = t["slot"] if t is best else ""

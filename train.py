@@ -397,8 +397,9 @@ def build_datasets(args, tokenizer, accelerator):
         if dtype not in ("string", "large_string"):
             fail(f"--text_column {col!r} of the {split} data holds {dtype or raw[split].features[col]}, not text")
 
-    def tokenize(batch):
-        return tokenizer([t for t in batch[col] if t and t.strip()])
+    def tokenize(batch):  # blank texts are skipped; only the ids are kept
+        texts = [t for t in batch[col] if t and t.strip()]
+        return {"input_ids": tokenizer(texts)["input_ids"] if texts else []}
 
     def group(batch):  # the labels are the inputs (the model shifts them): not stored twice
         ids = [t for seq in batch["input_ids"] for t in seq]

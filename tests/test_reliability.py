@@ -30,7 +30,12 @@ def previous_run(tmp_path):
 
 def snapshot(path):
     """Every file under path with its content: 'nothing on disk changed' is this, unchanged."""
-    return {os.path.join(d, n): open(os.path.join(d, n), "rb").read() for d, _, ns in os.walk(path) for n in ns}
+    out = {}
+    for d, _, names in os.walk(path):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                out[os.path.join(d, n)] = f.read()
+    return out
 
 
 def write(tmp_path, name, content):
@@ -165,20 +170,28 @@ def test_bad_data_or_model_is_refused_in_one_line_and_the_previous_run_survives(
     tmp_path, previous_run, name, make_args, expected
 ):
     before = snapshot(previous_run)
-    p = launch(TINY + ["--output_dir", str(previous_run), "--overwrite_output_dir", *make_args(tmp_path)], check=False)
-    one_line_failure(p, expected)
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        *TINY,
+        "--output_dir",
+        str(previous_run),
+        "--overwrite_output_dir",
+        *make_args(tmp_path),
+    ]
+    one_line_failure(subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False), expected)
     assert snapshot(previous_run) == before
 
 
 def test_block_size_larger_than_the_data(tmp_path):
-    f = write(tmp_path, "tiny.txt", "To be, or not to be.\n" * 3)
+    f = write(tmp_path, "tiny.txt", "To be, or not to be.\n" * 40)  # 2 lines held out: 44 tokens
     p = subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), "--train_file", f, "--output_dir", str(tmp_path / "o")],
         capture_output=True,
         text=True,
         check=False,
     )
-    one_line_failure(p, "fewer than --block_size=128 tokens")
+    one_line_failure(p, "the validation data holds fewer than --block_size=128 tokens")
 
 
 # ---------------------------------------------------------------- checkpoints: incompatible, damaged
@@ -262,12 +275,12 @@ def test_lr_range_test_then_rl_starts_from_the_suggestion_and_a_resume_keeps_it(
     line = next(x for x in p.stdout.splitlines() if x.startswith("[lr_find]"))
     suggested = float(line.split()[-1])
     res = results(full)
-    assert res["learning_rate"] == pytest.approx(suggested) and res["tokens_discarded"] >= 6 * 4 * 32
+    assert res["learning_rate"] == pytest.approx(suggested, rel=1e-3) and res["tokens_discarded"] >= 6 * 4 * 32
     first = rows(full)[0]
     assert first["lr"] <= suggested * 1.0001  # the schedule x the controller's multiplier, around the suggestion
     resumed = str(tmp_path / "resumed")
     launch(common + ["--output_dir", resumed, "--resume_from_checkpoint", os.path.join(full, "step_12")])
-    assert results(resumed)["learning_rate"] == pytest.approx(suggested)
+    assert results(resumed)["learning_rate"] == res["learning_rate"]
     assert results(resumed)["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-6)
 
 
