@@ -366,8 +366,10 @@ SIZES = {
 
 
 def overhead(args):
-    """Per model size: one rl decision's cost, and rl vs off at equal tokens: wall time, peak memory, bytes
-    written, checkpoint size (during the search and after it)."""
+    """Per model size, rl against off with the default decision interval (20 steps), a checkpoint every 10 steps
+    and room for the rl search's trial (its slot saves and loads, the worst case): wall time per token spent,
+    peak memory, bytes written, and the size of a step_N checkpoint during the search and after it. Also one rl
+    decision's own cost."""
     sys.path.insert(0, ROOT)
     import controller as ctl
 
@@ -381,55 +383,54 @@ def overhead(args):
     args.task_flags, lines = [], []
     report = {"decision_us": per * 1e6, "sizes": {}}
     for size in args.sizes.split(","):
-        steps, interval = (40, 10) if size == "0.86M" else (40, 10) if size == "25M" else (12, 4)
+        steps = 40 if size == "124M" else 60
         common = SIZES[size] + [
             "--per_device_train_batch_size",
             "4",
             "--max_train_steps",
             str(steps),
             "--eval_steps",
-            str(interval),
-            "--controller_interval",
-            str(interval),
+            "20",
             "--checkpointing_steps",
-            str(interval),
-            "--num_warmup_steps",
-            str(interval // 2),
+            "10",
             "--final_eval_batches",
             "8",
             "--seed",
             "0",
+            "--search_budget",
+            "0.7",
+            "--learning_rate",
+            "3e-2",
         ]
         res = {}
         for i, pol in enumerate(["off", "rl", "off", "rl"][: 2 * args.repeats]):  # interleaved against drift
             res.setdefault(pol, []).append(run(args, f"overhead_{size}_{pol}_{i // 2}", common + ["--controller", pol]))
-        off, rl = res["off"], res["rl"]
-        ratio = statistics.mean(r[0]["wall_s"] for r in rl) / statistics.mean(r[0]["wall_s"] for r in off)
+
+        per_token = {p: statistics.mean(r[0]["wall_s"] / r[0]["tokens_seen"] for r in res[p]) for p in res}
+        ratio = per_token["rl"] / per_token["off"]
         ck = {p: checkpoint_sizes(os.path.join(args.output_dir, f"overhead_{size}_{p}_0")) for p in ("off", "rl")}
-        first, last = min(ck["rl"]), max(ck["rl"])
+        during, after = min(ck["rl"]), max(ck["rl"])
+        r_off, r_rl = res["off"][0][0], res["rl"][0][0]
         report["sizes"][size] = {
-            "wall_rl_over_off": ratio,
-            "wall_s": {p: [r[0]["wall_s"] for r in res[p]] for p in res},
-            "peak_memory_mb": {p: res[p][0][0]["peak_memory_mb"] for p in res},
-            "bytes_written": {p: res[p][0][0].get("bytes_written") for p in res},
+            "wall_per_token_rl_over_off": ratio,
+            "runs": {p: [r[0] for r in res[p]] for p in res},
             "checkpoint_bytes": ck,
         }
-        r_off, r_rl = res["off"][0][0], res["rl"][0][0]
         lines.append(
-            f"| {size} | {ratio:.3f} | {r_off['peak_memory_mb']:.0f} / {r_rl['peak_memory_mb']:.0f}"
-            f" | {mb(r_off.get('bytes_written'))} / {mb(r_rl.get('bytes_written'))} | "
-            f"{ck['rl'][first] / ck['off'][first]:.2f}x (step {first}) | {ck['rl'][last] / ck['off'][last]:.2f}x "
-            f"(step {last}) |"
+            f"| {size} | {ratio:.3f} | {r_off['peak_memory_mb']:.0f} / {r_rl['peak_memory_mb']:.0f} | "
+            f"{mb(r_off.get('bytes_written'))} / {mb(r_rl.get('bytes_written'))} | "
+            f"{ck['rl'][during] / ck['off'][during]:.2f}x (step {during}) | "
+            f"{ck['rl'][after] / ck['off'][after]:.2f}x (step {after}) | {r_rl['tokens_discarded']:,} |"
         )
     text = (
-        "| model | wall rl / off | peak RSS MB off / rl | MB written off / rl | step_N rl / off, first | "
-        "last |\n|---|---|---|---|---|---|\n" + "\n".join(lines)
+        "| model | wall per token, rl / off | peak RSS MB, off / rl | MB written, off / rl | step_N rl / off, "
+        "in the search | after it | tokens rl discarded |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines)
     )
     print(text)
     with open(os.path.join(args.output_dir, "overhead.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.output_dir, "overhead.md"), "w") as f:
-        f.write(text + "\n")
+        f.write(f"one rl decision: {per * 1e6:.1f} us\n\n" + text + "\n")
 
 
 def mb(x):

@@ -35,8 +35,12 @@ import controller as ctl
 
 
 # ----------------------------------------------------------------------------- arguments
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the launch commands of the docstring as written, and every flag's default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.error = fail  # one line, not the usage block
     # model and data (the names of transformers' run_clm_no_trainer.py)
     a = p.add_argument_group("model and data").add_argument
@@ -60,7 +64,12 @@ def parse_args(argv=None):
     a("--learning_rate", type=float, default=3e-3, help="Peak learning rate (the controller multiplies it).")
     a("--weight_decay", type=float, default=0.0, help="AdamW weight decay.")
     a("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm (fills the DeepSpeed JSON's).")
-    a("--lr_scheduler_type", default="cosine", choices=["linear", "cosine", "constant", "constant_with_warmup"])
+    a(
+        "--lr_scheduler_type",
+        default="cosine",
+        choices=["linear", "cosine", "constant", "constant_with_warmup"],
+        help="The schedule over the token budget (the controller multiplies it).",
+    )
     a("--num_warmup_steps", type=int, default=10, help="Warmup, in optimizer steps of the starting batch size.")
     a("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is 0.")
     a("--max_train_steps", type=int, default=400, help="The token budget, in steps of the starting batch; 0: epochs.")
