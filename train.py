@@ -896,6 +896,8 @@ class GradientProbe:
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs):
+        if not self.before:  # not measuring
+            return
         for p in (p for g in optimizer.param_groups for p in g["params"] if id(p) in self.before):
             self.prev_update[id(p)] = p.detach().float() - self.before.pop(id(p))
 

@@ -71,41 +71,26 @@ def test_default_data_one_process_zero2(tmp_path):
     assert ids.shape[1] > 5
 
 
-def test_rl_search_discards_on_top_of_the_budget_or_inside_it(tmp_path):
-    """With room for a trial (--search_budget 0.5 of a 40-step run), the rl search runs trials from the initial
-    weights: the tokens it discards are counted apart, on top of the budget by default, inside it with
-    --search_in_budget; never more than the search budget."""
-    common = TINY + ["--max_train_steps", "40", "--search_budget", "0.5", "--learning_rate", "3e-2"]
-    budget = 40 * 4 * 32
-    on_top, inside = str(tmp_path / "top"), str(tmp_path / "in")
-    launch(common + ["--output_dir", on_top])
-    launch(common + ["--output_dir", inside, "--search_in_budget"])
-    a, b = results(on_top), results(inside)
-    assert a["tokens_kept"] == budget and 0 < a["tokens_discarded"] <= 0.5 * budget
+SEARCH = ["--max_train_steps", "24", "--search_budget", "0.9", "--learning_rate", "3e-2"]  # room for a trial
+
+
+def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path):
+    """A start 10x too high: the rl search runs a trial from the initial weights. The tokens it discards are counted
+    apart, on top of the budget by default, inside it with --search_in_budget, never more than the search budget.
+    Slots in host memory (default) or as DeepSpeed checkpoints on disk give the same run, bit for bit."""
+    budget, out = 24 * 4 * 32, {}
+    for name, extra in [("memory", []), ("disk", ["--controller_slots", "disk"]), ("inside", ["--search_in_budget"])]:
+        out[name] = str(tmp_path / name)
+        p = launch(TINY + SEARCH + ["--output_dir", out[name], *extra])
+        assert f"rollback slots: {'disk' if name == 'disk' else 'memory'}" in p.stdout
+    a, b = results(out["memory"]), results(out["inside"])
+    assert a["tokens_kept"] == budget and 0 < a["tokens_discarded"] <= 0.9 * budget and a["rollbacks"] > 0
     assert a["tokens_seen"] == budget + a["tokens_discarded"]
     assert b["tokens_seen"] == budget and b["tokens_kept"] == budget - b["tokens_discarded"] > 0
-    actions = [r["controller/action"] for r in rows(on_top) if "controller/action" in r]
+    actions = [r["controller/action"] for r in rows(out["memory"]) if "controller/action" in r]
     assert "cooldown" in actions and any(x.startswith("trial_x") for x in actions), actions
-
-
-def test_memory_and_disk_slots_give_the_same_run(tmp_path):
-    """The rollback slots in host memory (default) or as DeepSpeed checkpoints on disk: the same decisions and
-    losses, bit for bit; only the disk run writes controller_slots/."""
-    common = TINY + ["--max_train_steps", "40", "--search_budget", "0.5", "--learning_rate", "3e-2"]
-    runs = {}
-    for mode in ("memory", "disk"):
-        out = str(tmp_path / mode)
-        p = launch(common + ["--output_dir", out, "--controller_slots", mode])
-        assert f"rollback slots: {mode}" in p.stdout
-        runs[mode] = out
-    a, b = rows(runs["memory"]), rows(runs["disk"])
-    strip = (
-        [{k: v for k, v in r.items() if k != "elapsed_s"} for r in a],
-        [{k: v for k, v in r.items() if k != "elapsed_s"} for r in b],
-    )
-    assert strip[0] == strip[1]
-    assert results(runs["memory"])["eval_loss"] == results(runs["disk"])["eval_loss"]
-    assert results(runs["memory"])["rollbacks"] > 0  # slots were really loaded
+    strip = [[{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows(out[m])] for m in ("memory", "disk")]
+    assert strip[0] == strip[1] and a["eval_loss"] == results(out["disk"])["eval_loss"]
 
 
 def test_two_processes_zero3_memory_slots_match_disk_slots(tmp_path, text_files):
@@ -113,20 +98,7 @@ def test_two_processes_zero3_memory_slots_match_disk_slots(tmp_path, text_files)
     slots; the decisions agree on both ranks (train.py raises otherwise) and match disk slots; the gathered full
     model loads."""
     train_file, valid_file = text_files
-    common = TINY + [
-        "--zero_stage",
-        "3",
-        "--train_file",
-        train_file,
-        "--validation_file",
-        valid_file,
-        "--max_train_steps",
-        "40",
-        "--search_budget",
-        "0.5",
-        "--learning_rate",
-        "3e-2",
-    ]
+    common = TINY + SEARCH + ["--zero_stage", "3", "--train_file", train_file, "--validation_file", valid_file]
     outs = {}
     for mode in ("memory", "disk"):
         outs[mode] = str(tmp_path / mode)
@@ -148,18 +120,7 @@ def test_resume_mid_search_restores_the_slots_exactly(tmp_path, text_files):
     """A checkpoint every 3 steps lands inside the rl search (slots held, a measurement under way: that one waits
     for the end of the measurement). Resuming from any of them reproduces the uninterrupted run exactly."""
     train_file, valid_file = text_files
-    common = TINY + [
-        "--max_train_steps",
-        "40",
-        "--train_file",
-        train_file,
-        "--validation_file",
-        valid_file,
-        "--search_budget",
-        "0.5",
-        "--learning_rate",
-        "3e-2",
-    ]
+    common = TINY + SEARCH + ["--train_file", train_file, "--validation_file", valid_file]
     full = str(tmp_path / "full")
     launch(common + ["--output_dir", full, "--checkpointing_steps", "3"])
     ref = {r["step"]: r for r in rows(full)}
@@ -185,21 +146,7 @@ def test_checkpoints_store_each_slot_once(tmp_path):
     """A slot that holds the checkpoint's own weights is only referenced; one unchanged since an earlier checkpoint
     is a hard link to that file, not a copy."""
     out = str(tmp_path / "run")
-    launch(
-        TINY
-        + [
-            "--output_dir",
-            out,
-            "--max_train_steps",
-            "40",
-            "--search_budget",
-            "0.5",
-            "--learning_rate",
-            "3e-2",
-            "--checkpointing_steps",
-            "1",
-        ]
-    )
+    launch(TINY + SEARCH + ["--output_dir", out, "--checkpointing_steps", "1"])
     tables = {int(n[5:]): read_state(out, n)["slots"] for n in os.listdir(out) if n.startswith("step_")}
     referenced = [(s, name) for s, t in tables.items() for name, e in t.items() if e["same_as_checkpoint"]]
     assert referenced, tables
@@ -306,16 +253,7 @@ def test_two_processes_controller_changes_lr_and_accumulation_identically(tmp_pa
 @pytest.mark.parametrize("stage", [0, 1])
 def test_memory_slots_at_zero_stage(tmp_path, stage):
     """Memory slots at ZeRO stages 0 and 1 (the module and the torch optimizer; the ZeRO-1 partition) match disk."""
-    common = TINY + [
-        "--zero_stage",
-        str(stage),
-        "--max_train_steps",
-        "24",
-        "--search_budget",
-        "0.5",
-        "--learning_rate",
-        "3e-2",
-    ]
+    common = TINY + SEARCH + ["--zero_stage", str(stage)]
     out = {m: str(tmp_path / m) for m in ("memory", "disk")}
     for mode, path in out.items():
         launch(common + ["--output_dir", path, "--controller_slots", mode])
