@@ -184,9 +184,8 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      suspects a too-high lr, h < -SUSPECT_LOW a too-low one; a suspicion is settled by one trial from the initial
 #      weights at lr x 10**-TRIAL_DOWN or x 10**TRIAL_UP, compared with the first segment after a cooldown each;
 #      two too-high lrs are stuck on the same early plateau, so a down trial that ties with the first (within
-#      BOTH_HIGH_TIE) means both are too high: training goes on from the lower one, another TRIAL_DOWN down; a
-#      winning down trial that still reads h > CLEAR_HIGH goes on half a TRIAL_DOWN lower (a bigger first step down
-#      would land too low, and at this length a far too low lr loses to a too-high one; too low is cheap to climb);
+#      BOTH_HIGH_TIE) means both are too high: training goes on from the lower one, another TRIAL_DOWN down (a bigger
+#      first step down would land too low, and at this length a far too low lr loses to a too-high one);
 #   2. then, from the live weights (a too-low lr does no damage), while h < -LOW_H (trusted once EARLY_SEGMENTS
 #      segments of history are done: before that every lr looks too low), up by UP_GAIN * |h| decades, at most
 #      UP_MAX per segment (how |h| grows with the distance to the best lr differs between tasks: small steps,
@@ -195,7 +194,6 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 SUSPECT_LOW = 0.05
 TRIAL_DOWN, TRIAL_UP = 1.0, 1.0
 BOTH_HIGH_TIE = 0.01
-CLEAR_HIGH = 0.01  # a down trial that wins but reads h above this is still too high: half a step further down
 LOW_H = 0.015
 UP_GAIN, UP_MAX = 10.0, 0.5
 EARLY_SEGMENTS = 2
@@ -361,9 +359,8 @@ class RL(Off):
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
                 win["slot"],
             )
-            still_high = win is trial and trial["scale"] < first["scale"] and (trial["h"] or 0) > CLEAR_HIGH
-            if both_high or still_high:  # from the lower one's weights, further down (no budget for another trial)
-                ctl.lr_scale = ctl.clip(win["scale"] * 10 ** -(TRIAL_DOWN if both_high else TRIAL_DOWN / 2))
+            if both_high:  # from the lower one's weights, further down (no budget for another trial)
+                ctl.lr_scale = ctl.clip(win["scale"] * 10**-TRIAL_DOWN)
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,

@@ -181,13 +181,6 @@ def test_a_down_trial_that_ties_means_both_too_high_and_goes_further_down():
     assert c.lr_scale == pytest.approx(10 ** (-2 * ctl.TRIAL_DOWN))
 
 
-def test_a_winning_down_trial_that_still_reads_too_high_goes_half_a_step_further():
-    c = rl()
-    decisions, *_ = run(c, [(3.3, 0.02), (3.3, None), (3.1, 0.02), (3.0, None)])
-    assert decisions[3].action.endswith("_then_down") and decisions[3].load == "trial"
-    assert c.lr_scale == pytest.approx(10 ** (-1.5 * ctl.TRIAL_DOWN))
-
-
 def test_no_budget_no_trial():
     """With a search budget too small for one trial and its cooldowns, a suspicion is not followed up."""
     c = rl(search_budget=0.01)
