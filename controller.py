@@ -180,23 +180,24 @@ SPIKE = 0.25  # safety: an eval loss this far above the best rolls back (if a sl
 SAFETY_LR_FACTOR = 0.5  # ... and multiplies the lr by this
 BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 # rl search, read from the hypergradient h (Observation.hypergradient, over each segment's second half):
-#   1. after the first segment: h > 0 (too high even by the greedy measure, which this early favours high lrs)
-#      suspects a too-high lr, h < -SUSPECT_LOW a too-low one; a suspicion is settled by one trial from the initial
-#      weights at lr x 10**-TRIAL_DOWN or x 10**TRIAL_UP, compared with the first segment after a cooldown each;
-#      two too-high lrs are stuck on the same early plateau, so a down trial that ties with the first (within
-#      BOTH_HIGH_TIE) means both are too high: training goes on from the lower one, another TRIAL_DOWN down (a bigger
-#      first step down would land too low, and at this length a far too low lr loses to a too-high one);
-#   2. then, from the live weights (a too-low lr does no damage), while h < -LOW_H (trusted once EARLY_SEGMENTS
-#      segments of history are done: before that every lr looks too low), up by UP_GAIN * |h| decades, at most
-#      UP_MAX per segment (how |h| grows with the distance to the best lr differs between tasks: small steps,
-#      repeated, do not overshoot), with the weights from before the move kept as slot "best" for the safety net;
-#   3. commit. Every discarded token comes out of the search budget.
-SUSPECT_LOW = 0.05
-TRIAL_DOWN, TRIAL_UP = 1.0, 1.0
+#   1. after the first segment, h > 0 (too high even by the greedy measure, which this early favours high lrs)
+#      suspects a too-high lr; the suspicion is settled by one trial from the initial weights at lr x 10**-TRIAL_DOWN,
+#      compared with the first segment after a cooldown each (the short horizon favours the higher lr, so a lower
+#      lr that wins is trusted). Two too-high lrs are stuck on the same early plateau, so a down trial that ties with
+#      the first (within BOTH_HIGH_TIE) means both are too high: training goes on from the lower one, another
+#      TRIAL_DOWN down. The first segment and the trial are sized so that one trial and its two cooldowns fit the
+#      search budget (at most the interval, at least MIN_TRIAL steps);
+#   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
+#      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
+#      by UP_GAIN * |h| decades, at most FIRST_UP_MAX after the first reading (which reads "too low" even at the
+#      best lr on some tasks) and UP_MAX after later ones, with the weights from before the move kept as slot "best"
+#      for the safety net; nothing is discarded;
+#   3. commit when h no longer says too low. Every discarded token comes out of the search budget.
+TRIAL_DOWN = 1.0
 BOTH_HIGH_TIE = 0.01
+MIN_TRIAL = 5
 LOW_H = 0.015
-UP_GAIN, UP_MAX = 10.0, 0.5
-EARLY_SEGMENTS = 2
+UP_GAIN, FIRST_UP_MAX, UP_MAX = 10.0, 0.25, 0.5
 ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
 # without gradient statistics: trials of an lr from one saved point, on identical batches, each ended by a short
 # cooldown and compared by the cooled eval loss (a cooldown removes the noise a too-high lr hides behind)
@@ -205,6 +206,11 @@ MOVES = (1.0, 0.5, 0.25)  # the trial search's step sizes in decades of lr, coar
 SEARCH_ETA = 0.5  # learning rate of the trial search's direction preferences (REINFORCE)
 # plateau (torch's ReduceLROnPlateau defaults, but patience 2)
 PLATEAU_FACTOR, PLATEAU_PATIENCE, PLATEAU_THRESHOLD = 0.5, 2, 1e-3
+
+
+def up_factor(h, readings):
+    """The climb's lr factor for a hypergradient h < 0 read after `readings` segments of the weights' history."""
+    return 10 ** min(FIRST_UP_MAX if readings < 2 else UP_MAX, UP_GAIN * -h)
 
 
 # ---------------------------------------------------------------- the policies
@@ -263,10 +269,10 @@ class RL(Off):
     """Search, then online; every decision at the end of a segment the policy asked for.
 
     Search by the hypergradient h (when the loop measures it). After the first segment, h > 0 suspects a too-high
-    lr and h < -SUSPECT_LOW a too-low one; a suspicion is settled by one trial from the initial weights on the same
-    batches, both compared after a short cooldown: the trial's reward is its cooled improvement over the first
-    segment (compute_reward), and the better one's weights go on. Then, from the live weights, up while h says too
-    low (a too-low lr does no damage), then commit. At a good start no trial runs and nothing is discarded.
+    lr; the suspicion is settled by one trial a decade lower from the initial weights on the same batches, both
+    compared after a short cooldown: the trial's reward is its cooled improvement over the first segment
+    (compute_reward), and the better one's weights go on. Up only from the live weights, while h says too low (a
+    too-low lr does no damage), then commit. At a good start no trial runs and nothing is discarded.
 
     Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
     cooldown and compared by the cooled loss; the direction of the next trial is drawn from preferences that
@@ -290,7 +296,8 @@ class RL(Off):
 
     def start(self, ctl, init_loss):
         self.trials.append({"scale": 1.0, "raw": None, "cooled": None, "slot": "trial0"})
-        return Decision(1.0, ctl.grad_accum, action="start", save="init", measure=True, phase="search")
+        steps = ctl.trial_segment()
+        return Decision(1.0, ctl.grad_accum, steps=steps, action="start", save="init", measure=True, phase="search")
 
     def decide(self, ctl, obs, reward, nonfinite):
         if self.phase == "online":
@@ -321,14 +328,10 @@ class RL(Off):
         self.history += 1
         if self.stage == "first":  # 1. a suspicion, settled by one trial from the initial weights
             self.first = {"scale": ctl.lr_scale, "raw": loss, "h": h, "slot": "first"}
-            factor = 10**-TRIAL_DOWN if loss == math.inf or h > 0 else 10**TRIAL_UP if h < -SUSPECT_LOW else None
-            cost = ctl.steps_tokens(ctl.interval + 2 * ctl.cool_steps)
-            if (
-                factor is not None
-                and ctl.clip(ctl.lr_scale * factor) != ctl.lr_scale
-                and ctl.room(obs.tokens, cost, ctl.kept)
-            ):
-                self.stage, self.trial_scale = "cool_first", ctl.clip(ctl.lr_scale * factor)
+            down = ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
+            cost = ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps)
+            if (loss == math.inf or h > 0) and down != ctl.lr_scale and ctl.room(obs.tokens, cost, ctl.kept):
+                self.stage, self.trial_scale = "cool_first", down
                 return self._cooldown(ctl, "first")
             self.stage = "climb"
             return self._climb(ctl, h, drop=("init",))
@@ -338,6 +341,7 @@ class RL(Off):
             return Decision(
                 ctl.lr_scale,
                 ctl.grad_accum,
+                steps=ctl.trial_segment(),
                 action=f"trial_x{self.trial_scale:.3g}",
                 load="init",
                 measure=True,
@@ -378,9 +382,9 @@ class RL(Off):
     def _climb(self, ctl, h, load="", drop=()):
         """2-3: up from the live weights while the hypergradient says too low, one step per segment."""
         drop = tuple(dict.fromkeys((*drop, *(("best",) if "best" in ctl.slot_kept else ()))))
-        if self.history >= EARLY_SEGMENTS and h is not None and h < -LOW_H:
+        if h is not None and h < -LOW_H:
             old = ctl.lr_scale
-            ctl.lr_scale = ctl.clip(old * 10 ** min(UP_MAX, UP_GAIN * -h))
+            ctl.lr_scale = ctl.clip(old * up_factor(h, self.history))
             if ctl.lr_scale != old:  # the weights about to be put at risk are kept for the safety net
                 return Decision(
                     ctl.lr_scale,
@@ -393,10 +397,6 @@ class RL(Off):
                     measure=True,
                     phase="search",
                 )
-        if self.history < EARLY_SEGMENTS:  # too early to call it too low: one more reading
-            return Decision(
-                ctl.lr_scale, ctl.grad_accum, action="keep", load=load, drop=drop, measure=True, phase="search"
-            )
         return self._commit(ctl, load=load)
 
     # ------------------------------------------------------------ online
@@ -410,7 +410,7 @@ class RL(Off):
         measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL
         if measure and h is not None and h < -LOW_H:
             old = ctl.lr_scale
-            ctl.lr_scale = ctl.clip(old * 10 ** min(UP_MAX, UP_GAIN * -h))
+            ctl.lr_scale = ctl.clip(old * up_factor(h, self.history))
             if ctl.lr_scale != old:
                 return Decision(
                     ctl.lr_scale,
@@ -431,7 +431,7 @@ class RL(Off):
             trial["raw"] = loss
             self.segment = "cool"
             if len(self.trials) == 1 and not ctl.room(
-                obs.tokens, ctl.steps_tokens(ctl.interval + 2 * ctl.cool_steps), ctl.kept
+                obs.tokens, ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps), ctl.kept
             ):
                 ctl.best = loss
                 return self._commit(ctl)  # no budget for even one more trial: go on as started
@@ -456,7 +456,7 @@ class RL(Off):
         for t in self.trials:
             t["slot"] = t["slot"] if t is best else ""
         nxt = self._next_scale(ctl, best)
-        extra = ctl.steps_tokens(ctl.interval + ctl.cool_steps)
+        extra = ctl.steps_tokens(ctl.trial_steps + ctl.cool_steps)
         if nxt is None or not ctl.room(obs.tokens, extra, ctl.slot_kept[best["slot"]]):
             ctl.lr_scale = best["scale"]
             ctl.best, ctl.since_best = best["raw"], 0  # the safety's reference: the weights training goes on from
@@ -466,7 +466,15 @@ class RL(Off):
         scale, self.last_direction = nxt
         ctl.lr_scale = scale
         self.trials.append({"scale": scale, "raw": None, "cooled": None, "slot": f"trial{len(self.trials)}"})
-        return Decision(scale, ctl.grad_accum, action=f"trial_x{scale:.3g}", load="init", drop=losers, phase="search")
+        return Decision(
+            scale,
+            ctl.grad_accum,
+            steps=ctl.trial_segment(),
+            action=f"trial_x{scale:.3g}",
+            load="init",
+            drop=losers,
+            phase="search",
+        )
 
     def _next_scale(self, ctl, best):
         """The next trial: from the best trial, a step in decades of lr. A side with a worse trial at distance d is
@@ -502,6 +510,8 @@ class Controller:
     budget (the tokens its final weights will have seen); interval: the loop's optimizer steps between
     two decisions; search_budget: the share of budget_tokens the rl search may discard.
     patience: stop after this many decisions without a new best eval loss (None: never).
+    tokens_per_step: the tokens of one optimizer step at the starting batch, if known before the first segment
+    (then a short run's first segment and trials are shortened until one trial fits the search budget).
     """
 
     def __init__(
@@ -516,6 +526,7 @@ class Controller:
         search_budget=SEARCH_BUDGET,
         seed=0,
         patience=None,
+        tokens_per_step=None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -526,14 +537,22 @@ class Controller:
         self.ref_accum = grad_accum  # the starting accumulation: the reward's reference window
         self.lr_scale, self.grad_accum = 1.0, grad_accum
         self.budget_tokens, self.search_budget = budget_tokens, search_budget
-        self.cool_steps = max(2, round(interval * COOL_FRAC))
+        # a trial's length (the first segment's too: they are compared) and a cooldown's
+        self.trial_steps, limit = interval, math.inf
+        if budget_tokens and tokens_per_step:
+            limit = search_budget * budget_tokens / tokens_per_step  # steps the search may discard
+        while (
+            self.trial_steps > MIN_TRIAL and self.trial_steps + 2 * max(2, round(self.trial_steps * COOL_FRAC)) > limit
+        ):
+            self.trial_steps -= 1
+        self.cool_steps = max(2, round(self.trial_steps * COOL_FRAC))
         self.rng = random.Random(seed)
         self.decisions = 0
         self.nonfinite_seen = 0  # non-finite steps already accounted for
         self.best, self.since_best = math.inf, 0
         self.last_loss, self.last_tokens = None, 0  # the eval loss and tokens at the previous decision
         self.interval = interval
-        self.tokens_per_step = None  # measured from the segments
+        self.tokens_per_step = tokens_per_step  # measured from the segments
         self.kept = 0  # tokens in the current weights' history (a load goes back to the slot's)
         self.spent = 0  # tokens spent, at the decision being taken
         self.slot_kept = {}  # self.kept when each slot was saved
@@ -597,6 +616,10 @@ class Controller:
             self.slot_kept.pop(name, None)
 
     # ------------------------------------------------------------ helpers for the policies
+    def trial_segment(self):
+        """Decision.steps of a trial segment (0: the interval)."""
+        return 0 if self.trial_steps == self.interval else self.trial_steps
+
     def steps_tokens(self, steps):
         """Tokens of `steps` optimizer steps at the starting batch size (measured from the segments run)."""
         return steps * (self.tokens_per_step or 0)

@@ -1219,7 +1219,7 @@ def build_dataloaders(args, tokenizer, accelerator):
     return train_dl, DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size)
 
 
-def make_controller(args, lr, budget_tokens):
+def make_controller(args, lr, budget_tokens, tokens_per_step=None):
     lo, hi = args.min_gradient_accumulation_steps, args.max_gradient_accumulation_steps
     return ctl.Controller(
         args.controller,
@@ -1232,6 +1232,7 @@ def make_controller(args, lr, budget_tokens):
         search_budget=args.search_budget,
         seed=args.controller_seed,
         patience=args.controller_patience,
+        tokens_per_step=tokens_per_step,
     )
 
 
@@ -1403,7 +1404,7 @@ def main(argv=None):
     data = DataStream(accelerator, train_dl, state)
     if args.lr_find_steps and not saved:  # the controller then starts from the suggested lr
         state.learning_rate = lr_range_test(args, accelerator, model, optimizer, data, state, slots, micro_tokens)
-    controller = make_controller(args, state.learning_rate, state.budget)
+    controller = make_controller(args, state.learning_rate, state.budget, gas * micro_tokens)
     if saved:
         accelerator.print(f"Resuming from {args.resume_from_checkpoint}")
         load_checkpoint(accelerator, args.resume_from_checkpoint, state, controller, slots, saved)

@@ -103,7 +103,7 @@ TPS = 100  # tokens per optimizer step
 INTERVAL = 10
 
 
-def rl(budget_steps=400, search_budget=0.1, lo=1e-6, hi=1.0):
+def rl(budget_steps=400, search_budget=0.1, lo=1e-6, hi=1.0, tokens_per_step=None):
     return ctl.Controller(
         "rl",
         1e-3,
@@ -114,6 +114,7 @@ def rl(budget_steps=400, search_budget=0.1, lo=1e-6, hi=1.0):
         interval=INTERVAL,
         search_budget=search_budget,
         seed=0,
+        tokens_per_step=tokens_per_step,
     )
 
 
@@ -128,41 +129,59 @@ def run(c, script):
 
 
 def test_good_start_commits_without_wasting_trials():
-    """h mildly negative in the first segment (not too high, not clearly too low), near 0 in the second: the run
-    commits at the lr it started with; nothing is loaded, nothing discarded, every slot freed."""
+    """h slightly negative in the first segment (not too high, not clearly too low): the run commits at the lr it
+    started with after one segment; nothing is loaded, nothing discarded, every slot freed."""
     c = rl()
-    decisions, spent, kept = run(c, [(3.3, -0.04), (2.8, -0.01)])
-    assert [d.action for d in decisions] == ["keep", "commit"]
+    decisions, spent, kept = run(c, [(3.3, -0.01), (2.8, 0.005)])
+    assert [d.action for d in decisions] == ["commit", "keep"]
     assert not any(d.load for d in decisions) and spent == kept
     assert c.lr_scale == 1.0 and c.policy.phase == "online" and not c.slot_kept
 
 
 def test_too_low_start_moves_up_without_a_rollback():
-    """h clearly negative once the early segments are over: up from the live weights (a rollback point is kept in
-    case it overshoots); the next reading near 0 commits and frees it."""
+    """h clearly negative: up from the live weights, never a rollback (a too-low lr does no damage; a point is kept
+    in case a move overshoots). The first reading moves at most FIRST_UP_MAX decades (it reads too low even at the
+    best lr on some tasks), later ones at most UP_MAX; a reading near 0 commits and frees the kept point."""
     c = rl()
-    decisions, spent, kept = run(c, [(4.5, -0.05), (4.0, -0.12), (3.0, -0.01)])
-    up = decisions[1]
-    assert up.action.startswith("up_x") and not up.load and up.save == "best"  # kept for the safety net
-    assert c.lr_scale == pytest.approx(10 ** min(ctl.UP_MAX, ctl.UP_GAIN * 0.12))
-    assert up.ramp_from == 1.0  # the lr rises over the first half of the next segment, not in one jump
+    decisions, spent, kept = run(c, [(4.5, -0.12), (4.0, -0.12), (3.0, -0.01)])
+    first, up = decisions[0], decisions[1]
+    assert first.action == f"up_x{10**ctl.FIRST_UP_MAX:.3g}" and up.action == f"up_x{10**ctl.UP_MAX:.3g}"
+    assert ctl.FIRST_UP_MAX < ctl.UP_MAX < ctl.UP_GAIN * 0.12  # both capped
+    assert not first.load and not up.load and first.save == "best"  # kept for the safety net
+    assert c.lr_scale == pytest.approx(10 ** (ctl.FIRST_UP_MAX + ctl.UP_MAX))
+    assert up.ramp_from == pytest.approx(10**ctl.FIRST_UP_MAX)  # the lr rises over the next segment's first half
     assert decisions[2].action == "commit" and "best" in decisions[2].drop
     assert spent == kept  # nothing discarded
+    assert all(not d.load for d in decisions) and "init" not in c.slot_kept
 
 
 def test_too_high_start_rolls_back_and_moves_down():
     """h > 0 in the first segment: a trial from the initial weights at a lower lr, both compared after a cooldown;
     the lower wins, so training goes on from its weights, at its lr."""
     c = rl()
-    decisions, spent, kept = run(c, [(3.3, 0.02), (3.25, None), (3.2, -0.02), (2.9, None), (2.7, -0.01)])
+    decisions, spent, kept = run(c, [(3.3, 0.02), (3.25, None), (3.2, -0.01), (2.9, None), (2.7, -0.01)])
     down = 10**-ctl.TRIAL_DOWN
     assert [d.action for d in decisions[:4]] == ["cooldown", f"trial_x{down:.3g}", "cooldown", f"pick_x{down:.3g}"]
     assert decisions[0].save == "first" and decisions[0].cool and decisions[1].load == "init"
     assert decisions[3].load == "trial"  # the trial's weights, from before its cooldown
-    assert c.lr_scale == pytest.approx(down)
-    assert decisions[4].action == "commit" and not c.slot_kept
+    assert c.lr_scale == pytest.approx(down) and c.policy.phase == "online" and not c.slot_kept
     cool = c.cool_steps * TPS
     assert spent - kept == INTERVAL * TPS + 2 * cool  # discarded: the first segment and the two cooldowns
+
+
+def test_a_short_run_shortens_the_trial_to_fit_the_search_budget():
+    """100 steps, 10% search budget: a 10-step trial and its two 4-step cooldowns (18 steps) would not fit; with
+    the step's tokens known at the start, the first segment and the trial are shortened to fit, and the search runs
+    within its budget."""
+    c = rl(budget_steps=100, tokens_per_step=TPS)
+    assert c.trial_steps + 2 * c.cool_steps <= 0.1 * 100 and c.trial_steps < INTERVAL
+    d = c.start(6.0)
+    assert d.steps == c.trial_steps
+    decisions, spent, kept = run(c, [(3.3, 0.02), (3.25, None), (3.2, -0.01), (2.9, None)])
+    assert decisions[1].action.startswith("trial_x") and decisions[1].steps == c.trial_steps
+    assert decisions[0].steps == decisions[2].steps == c.cool_steps
+    assert decisions[3].action.startswith("pick_x") and 0 < spent - kept <= 0.1 * c.budget_tokens
+    assert not rl(budget_steps=100).trial_steps < INTERVAL  # not known at the start: the interval
 
 
 def test_a_suspicion_that_the_trial_does_not_confirm_keeps_the_start():
@@ -170,6 +189,7 @@ def test_a_suspicion_that_the_trial_does_not_confirm_keeps_the_start():
     c = rl()
     decisions, *_ = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.4, None), (2.8, 0.0)])
     assert decisions[3].action == "pick_x1" and decisions[3].load == "first" and c.lr_scale == 1.0
+    assert decisions[4].action == "keep" and c.policy.phase == "online"
 
 
 def test_a_down_trial_that_ties_means_both_too_high_and_goes_further_down():
@@ -250,17 +270,17 @@ def test_safety_ignores_the_runs_own_ups_and_downs_and_lowers_the_lr_on_nonfinit
 
 def test_a_spike_right_after_a_move_up_rolls_back_to_before_it():
     c = rl()
-    decisions, *_ = run(c, [(4.5, -0.04), (4.0, -0.12), (4.0 * 1.5, -0.01)])
+    decisions, *_ = run(c, [(4.5, -0.01), (4.0, -0.12), (4.0 * 1.5, -0.01)])
     assert decisions[1].save == "best"  # the move up puts the weights at risk: they are kept
     assert decisions[2].action == "rollback" and decisions[2].load == "best"
-    assert c.lr_scale == pytest.approx(10 ** min(ctl.UP_MAX, ctl.UP_GAIN * 0.12) * ctl.SAFETY_LR_FACTOR)
+    assert c.lr_scale == pytest.approx(ctl.up_factor(-0.12, 2) * ctl.SAFETY_LR_FACTOR)
 
 
 def test_online_the_climb_goes_on_while_the_reading_says_too_low():
     """A plateau the first segments cannot see past: the search commits, then a later reading says too low."""
     c = rl()
-    decisions, spent, kept = run(c, [(0.52, -0.02), (0.51, -0.01), (0.50, -0.01), (0.45, -0.2), (0.3, -0.005)])
-    assert decisions[1].action == "commit" and decisions[3].action.startswith("up_x") and decisions[3].phase == "online"
+    decisions, spent, kept = run(c, [(0.52, -0.01), (0.51, -0.01), (0.50, -0.01), (0.45, -0.2), (0.3, -0.005)])
+    assert decisions[0].action == "commit" and decisions[3].action.startswith("up_x") and decisions[3].phase == "online"
     assert decisions[4].action == "keep" and "best" in decisions[4].drop and spent == kept
 
 
