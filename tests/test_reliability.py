@@ -195,20 +195,23 @@ def test_block_size_larger_than_the_data(tmp_path):
 
 
 # ---------------------------------------------------------------- checkpoints: incompatible, damaged
+SEARCHING = ["--search_budget", "0.5", "--learning_rate", "1.0"]  # far too high: the down trial holds slots
+
+
 @pytest.fixture(scope="module")
 def checkpointed(tmp_path_factory):
     """A tiny rl run with a checkpoint every 4 steps (the rl search holds slots in some of them)."""
     out = str(tmp_path_factory.mktemp("ck") / "run")
-    launch(TINY + ["--output_dir", out, "--checkpointing_steps", "4", "--search_budget", "0.5"])
+    launch(TINY + SEARCHING + ["--output_dir", out, "--checkpointing_steps", "4"])
     return out
 
 
 def test_incompatible_resume_is_refused(checkpointed, tmp_path):
     out = str(tmp_path / "out")
     shutil.copytree(os.path.join(checkpointed, "step_8"), os.path.join(out, "step_8"))
-    base = TINY + ["--output_dir", out, "--search_budget", "0.5", "--resume_from_checkpoint", "latest"]
+    base = TINY + SEARCHING + ["--output_dir", out, "--resume_from_checkpoint", "latest"]
     for extra, expected in [
-        (["--learning_rate", "1e-2"], "learning_rate was 0.003, now 0.01"),
+        (["--learning_rate", "1e-2"], "learning_rate was 1.0, now 0.01"),
         (["--zero_stage", "3"], "zero_stage was 2, now 3"),
         (["--block_size", "64"], "block_size was 32, now 64"),
     ]:
@@ -237,7 +240,7 @@ def test_damaged_checkpoint_is_named_in_one_line(checkpointed, tmp_path, case):
     damage(str(out / "step_8" / rel))
     before = snapshot(out)
     with pytest.raises(SystemExit) as e:
-        train.main(TINY + ["--output_dir", str(out), "--search_budget", "0.5", "--resume_from_checkpoint", "latest"])
+        train.main(TINY + SEARCHING + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
     assert expected in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
     assert (
         rel.split("/")[-1] in str(e.value.code) or case == "emptied train_state.json" or expected in str(e.value.code)
@@ -261,7 +264,7 @@ def test_damaged_rollback_slot_is_named_when_resuming(checkpointed, tmp_path):
     slot_file = next(os.path.join(d, f) for d, _, fs in os.walk(out / with_slots[0] / "controller_slots") for f in fs)
     os.truncate(slot_file, 10)
     with pytest.raises(SystemExit) as e:
-        train.main(TINY + ["--output_dir", str(out), "--search_budget", "0.5", "--resume_from_checkpoint", "latest"])
+        train.main(TINY + SEARCHING + ["--output_dir", str(out), "--resume_from_checkpoint", "latest"])
     assert "controller_slots" in str(e.value.code) and "damaged" in str(e.value.code), e.value.code
 
 

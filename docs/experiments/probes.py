@@ -108,6 +108,7 @@ def controller(task, lr0, seed, policy="rl"):
         grad_accum_bounds=(1, 1),
         budget_tokens=r.budget * 2048,
         interval=interval,
+        tokens_per_step=2048,
     )
     probe, slots, log = GradientProbe(r.opt), {}, []
 
