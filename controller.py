@@ -313,6 +313,18 @@ class RL(Off):
             ctl.lr_scale, ctl.grad_accum, steps=ctl.cool_steps, cool=True, action="cooldown", save=slot, phase="search"
         )
 
+    def _trial(self, ctl, scale, **kw):
+        """A trial of lr x scale from the initial weights (a rollback), one trial segment long."""
+        return Decision(
+            scale,
+            ctl.grad_accum,
+            steps=ctl.trial_segment(),
+            action=f"trial_x{scale:.3g}",
+            load="init",
+            phase="search",
+            **kw,
+        )
+
     def _commit(self, ctl, action="commit", load="", **kw):
         """The search is over: go on at ctl.lr_scale (from slot `load`, if given) and free every slot."""
         self.phase = "online"
@@ -338,15 +350,7 @@ class RL(Off):
         if self.stage == "cool_first":
             self.first["cooled"], self.stage = loss, "trial"
             ctl.lr_scale, self.history = self.trial_scale, 0
-            return Decision(
-                ctl.lr_scale,
-                ctl.grad_accum,
-                steps=ctl.trial_segment(),
-                action=f"trial_x{self.trial_scale:.3g}",
-                load="init",
-                measure=True,
-                phase="search",
-            )
+            return self._trial(ctl, self.trial_scale, measure=True)
         if self.stage == "trial":
             self.trial = {"scale": ctl.lr_scale, "raw": loss, "h": h, "slot": "trial"}
             self.stage = "cool_trial"
@@ -466,15 +470,7 @@ class RL(Off):
         scale, self.last_direction = nxt
         ctl.lr_scale = scale
         self.trials.append({"scale": scale, "raw": None, "cooled": None, "slot": f"trial{len(self.trials)}"})
-        return Decision(
-            scale,
-            ctl.grad_accum,
-            steps=ctl.trial_segment(),
-            action=f"trial_x{scale:.3g}",
-            load="init",
-            drop=losers,
-            phase="search",
-        )
+        return self._trial(ctl, scale, drop=losers)
 
     def _next_scale(self, ctl, best):
         """The next trial: from the best trial, a step in decades of lr. A side with a worse trial at distance d is
