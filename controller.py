@@ -208,6 +208,11 @@ SEARCH_ETA = 0.5  # learning rate of the trial search's direction preferences (R
 PLATEAU_FACTOR, PLATEAU_PATIENCE, PLATEAU_THRESHOLD = 0.5, 2, 1e-3
 
 
+def cooldown_steps(trial_steps):
+    """A cooldown's length for a trial of trial_steps: COOL_FRAC of it, at least 2 steps."""
+    return max(2, round(trial_steps * COOL_FRAC))
+
+
 def up_factor(h, readings):
     """The climb's lr factor for a hypergradient h < 0 read after `readings` segments of the weights' history."""
     return 10 ** min(FIRST_UP_MAX if readings < 2 else UP_MAX, UP_GAIN * -h)
@@ -537,18 +542,16 @@ class Controller:
         self.trial_steps, limit = interval, math.inf
         if budget_tokens and tokens_per_step:
             limit = search_budget * budget_tokens / tokens_per_step  # steps the search may discard
-        while (
-            self.trial_steps > MIN_TRIAL and self.trial_steps + 2 * max(2, round(self.trial_steps * COOL_FRAC)) > limit
-        ):
+        while self.trial_steps > MIN_TRIAL and self.trial_steps + 2 * cooldown_steps(self.trial_steps) > limit:
             self.trial_steps -= 1
-        self.cool_steps = max(2, round(self.trial_steps * COOL_FRAC))
+        self.cool_steps = cooldown_steps(self.trial_steps)
         self.rng = random.Random(seed)
         self.decisions = 0
         self.nonfinite_seen = 0  # non-finite steps already accounted for
         self.best, self.since_best = math.inf, 0
         self.last_loss, self.last_tokens = None, 0  # the eval loss and tokens at the previous decision
         self.interval = interval
-        self.tokens_per_step = tokens_per_step  # measured from the segments
+        self.tokens_per_step = tokens_per_step  # given, else measured from the segments
         self.kept = 0  # tokens in the current weights' history (a load goes back to the slot's)
         self.spent = 0  # tokens spent, at the decision being taken
         self.slot_kept = {}  # self.kept when each slot was saved
