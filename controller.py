@@ -192,12 +192,16 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      by UP_GAIN * |h| decades, at most FIRST_UP_MAX after the first reading (which reads "too low" even at the
 #      best lr on some tasks) and UP_MAX after later ones, with the weights from before the move kept as slot "best"
 #      for the safety net; nothing is discarded;
-#   3. commit when h no longer says too low. Every discarded token comes out of the search budget.
+#   3. when h no longer says too low right after a move up, one more PAST_STEP decades up (the greedy measure
+#      favours lower lrs than the best constant lr once the early plateau is over, so the point where h turns is
+#      below it), the weights from before it kept as slot "best"; commit at the next segment that does not read
+#      too low. A start that never moved up commits at once. Every discarded token comes out of the search budget.
 TRIAL_DOWN = 1.0
 BOTH_HIGH_TIE = 0.01
 MIN_TRIAL = 5
 LOW_H = 0.015
 UP_GAIN, FIRST_UP_MAX, UP_MAX = 10.0, 0.25, 0.5
+PAST_STEP = 0.25  # decades up past the point where a climb ends
 ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
 # without gradient statistics: trials of an lr from one saved point, on identical batches, each ended by a short
 # cooldown and compared by the cooled eval loss (a cooldown removes the noise a too-high lr hides behind)
@@ -291,6 +295,7 @@ class RL(Off):
         self.mode = ""  # "gradient" or "trials", from the first observation
         self.stage = "first"  # the hypergradient search: first, cool_first, trial, cool_trial, climb
         self.history = 0  # segments in the current weights' history
+        self.climbed = False  # the last segment ran at an lr the climb had just raised
         self.first, self.trial, self.trial_scale = None, None, None
         self.trials, self.segment = [], "trial"  # the trial search's state
         self.direction_pref, self.last_direction = [0.0, 0.0], None  # its logits of [down, up]
@@ -389,17 +394,21 @@ class RL(Off):
         return self._climb(ctl, h)
 
     def _climb(self, ctl, h, load="", drop=()):
-        """2-3: up from the live weights while the hypergradient says too low, one step per segment."""
+        """2-3: up from the live weights while the hypergradient says too low, one step per segment; one step past
+        the point where it stops saying so (not from a loaded slot: a trial's weights were not climbing)."""
         drop = tuple(dict.fromkeys((*drop, *(("best",) if "best" in ctl.slot_kept else ()))))
-        if h is not None and h < -LOW_H:
+        too_low = h is not None and h < -LOW_H
+        climbed, self.climbed = self.climbed, False
+        if too_low or (climbed and not load):
             old = ctl.lr_scale
-            ctl.lr_scale = ctl.clip(old * up_factor(h, self.history))
+            ctl.lr_scale = ctl.clip(old * (up_factor(h, self.history) if too_low else 10**PAST_STEP))
             if ctl.lr_scale != old:  # the weights about to be put at risk are kept for the safety net
+                self.climbed = too_low
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
                     ramp_from=old,
-                    action=f"up_x{ctl.lr_scale / old:.3g}",
+                    action=f"{'up' if too_low else 'past'}_x{ctl.lr_scale / old:.3g}",
                     save="" if load else "best",
                     load=load,
                     drop=tuple(n for n in drop if n != "best"),

@@ -141,18 +141,37 @@ def test_good_start_commits_without_wasting_trials():
 def test_too_low_start_moves_up_without_a_rollback():
     """h clearly negative: up from the live weights, never a rollback (a too-low lr does no damage; a point is kept
     in case a move overshoots). The first reading moves at most FIRST_UP_MAX decades (it reads too low even at the
-    best lr on some tasks), later ones at most UP_MAX; a reading near 0 commits and frees the kept point."""
+    best lr on some tasks), later ones at most UP_MAX; where the reading turns near 0, one PAST_STEP further (the
+    greedy reading ends below the best constant lr), then the next reading near 0 commits and frees the kept point."""
     c = rl()
-    decisions, spent, kept = run(c, [(4.5, -0.12), (4.0, -0.12), (3.0, -0.01)])
-    first, up = decisions[0], decisions[1]
+    decisions, spent, kept = run(c, [(4.5, -0.12), (4.0, -0.12), (3.0, -0.01), (2.8, -0.005)])
+    first, up, past = decisions[:3]
     assert first.action == f"up_x{10**ctl.FIRST_UP_MAX:.3g}" and up.action == f"up_x{10**ctl.UP_MAX:.3g}"
     assert ctl.FIRST_UP_MAX < ctl.UP_MAX < ctl.UP_GAIN * 0.12  # both capped
     assert not first.load and not up.load and first.save == "best"  # kept for the safety net
-    assert c.lr_scale == pytest.approx(10 ** (ctl.FIRST_UP_MAX + ctl.UP_MAX))
     assert up.ramp_from == pytest.approx(10**ctl.FIRST_UP_MAX)  # the lr rises over the next segment's first half
-    assert decisions[2].action == "commit" and "best" in decisions[2].drop
+    assert past.action == f"past_x{10**ctl.PAST_STEP:.3g}" and past.save == "best" and not past.load
+    assert c.lr_scale == pytest.approx(10 ** (ctl.FIRST_UP_MAX + ctl.UP_MAX + ctl.PAST_STEP))
+    assert decisions[3].action == "commit" and "best" in decisions[3].drop
     assert spent == kept  # nothing discarded
-    assert all(not d.load for d in decisions) and "init" not in c.slot_kept
+    assert all(not d.load for d in decisions) and "init" not in c.slot_kept and c.policy.phase == "online"
+
+
+def test_a_step_past_the_climb_that_the_next_evaluation_punishes_is_undone():
+    """The step past the end of the climb is a guess: a spike after it rolls back to the weights from before it."""
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.12), (3.0, -0.01), (3.0 * 1.5, 0.02)])
+    assert decisions[1].action.startswith("past_x") and decisions[1].save == "best"
+    assert decisions[2].action == "rollback" and decisions[2].load == "best"
+    assert c.lr_scale == pytest.approx(10 ** (ctl.FIRST_UP_MAX + ctl.PAST_STEP) * ctl.SAFETY_LR_FACTOR)
+
+
+def test_a_start_that_never_climbed_takes_no_step_past():
+    """A good start (never read too low) and a start picked by the down trial commit without a step past."""
+    for script in ([(3.3, -0.01)], [(3.3, 0.02), (3.25, None), (3.2, -0.01), (2.9, None)]):
+        c = rl()
+        decisions, *_ = run(c, script)
+        assert not any(d.action.startswith("past") for d in decisions) and c.policy.phase == "online"
 
 
 def test_too_high_start_rolls_back_and_moves_down():
