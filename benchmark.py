@@ -2,7 +2,8 @@
 
 Every method runs `accelerate launch train.py` (as a user would) under one token budget, with the same data,
 model and seeds; the table (results.md, summary.json) and plots land in --output_dir. One task per invocation;
-finished runs are reused, so an interrupted benchmark continues where it stopped.
+finished runs are reused, so an interrupted benchmark continues where it stopped, and after a change to
+controller.py only the `rl` runs whose logged decisions it no longer takes run again.
 
     python benchmark.py --task plays --output_dir bench/plays       # the default task (about 1 h on 2 CPU cores)
     python benchmark.py --task pydocs --output_dir bench/pydocs     # other text, a deeper model, from scratch
@@ -125,7 +126,7 @@ def run(args, name, flags):
     flags = flags + args.task_flags + args.passthrough
     if os.path.isfile(os.path.join(out, "results.json")) and os.path.isfile(os.path.join(out, "flags.json")):
         with open(os.path.join(out, "flags.json")) as f:
-            if json.load(f) == flags:
+            if json.load(f) == flags and replays(flags, *load(out)):
                 return load(out)
     t = time.time()
     launch(args, ["--output_dir", out, "--overwrite_output_dir", "--sample_tokens", "0", *flags], args.threads)
@@ -137,6 +138,39 @@ def run(args, name, flags):
         flush=True,
     )
     return res, rows
+
+
+REPLAYED = ("lr_scale", "grad_accum", "steps", "ramp_from", "cool", "action", "save", "load", "drop", "measure", "stop")
+
+
+def replays(flags, res, rows):
+    """Whether this controller.py, fed the observations a finished `rl` run logged, takes every decision the run
+    took: only then is the run the one this code would make, and reused (after a change to the controller only the
+    runs it changes are run again). Other methods are reused on their flags alone."""
+    if res.get("controller") != "rl":
+        return True
+    import controller as ctl
+    import train  # the run's own flag parsing and controller construction
+
+    args = train.parse_args([*flags, "--output_dir", os.devnull])
+    if res["nonfinite_steps"] or not args.max_train_steps or args.lr_find_steps:
+        return False  # not in the log: the non-finite steps' timing; not in the flags: the budget, the start lr
+    step_tokens = args.per_device_train_batch_size * args.block_size * res["num_processes"]
+    step_tokens *= args.gradient_accumulation_steps
+    budget = args.max_train_steps * step_tokens
+    c = train.make_controller(args, args.learning_rate, budget, step_tokens)
+    c.start(None)
+    for r in (r for r in rows if "controller/action" in r):
+        obs = ctl.Observation(
+            tokens=r["tokens_seen"],
+            eval_loss=r["eval_loss"],
+            progress=r["tokens_kept"] / budget,
+            hypergradient=r.get("hypergradient"),
+        )
+        got = c.step(obs).as_dict()
+        if any(got[k] != r["controller/" + k] for k in REPLAYED):
+            return False
+    return True
 
 
 def load(out):

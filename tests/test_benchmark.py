@@ -1,7 +1,7 @@
 """benchmark.py --quick end to end: the sweep, the good and a bad start, rl (both search budgets), two peers,
 the table with seeds and paired differences, and the plots.
 
-Run: python -m pytest -q tests/test_benchmark.py      (about 3 minutes on 2 CPU cores)
+Run: python -m pytest -q tests/test_benchmark.py      (about 3-4 minutes on 2 CPU cores)
 """
 
 import json
@@ -12,8 +12,7 @@ import sys
 from helpers import ROOT
 
 
-def test_quick_benchmark_writes_table_and_plots(tmp_path):
-    out = tmp_path / "bench"
+def bench(out):
     p = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmark.py"), "--quick", "--output_dir", str(out)],
         capture_output=True,
@@ -22,6 +21,12 @@ def test_quick_benchmark_writes_table_and_plots(tmp_path):
         check=False,
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_quick_benchmark_writes_table_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    bench(out)
     table = (out / "results.md").read_text()
     for method in ("| oracle (best of sweep) |", "| rl |", "| rl (1.00x) |", "| constant |", "| prodigy |"):
         assert method in table, table
@@ -36,3 +41,14 @@ def test_quick_benchmark_writes_table_and_plots(tmp_path):
         assert (out / png).stat().st_size > 1000
     # every run went through accelerate launch train.py and wrote its own files
     assert any((out / d / "metrics.jsonl").exists() for d in os.listdir(out) if d.startswith("rl_"))
+
+    # a second invocation reuses the finished runs; an rl run whose logged decisions this controller would not take
+    # (as after a change to controller.py) runs again, and only that one
+    victim = min(d for d in os.listdir(out) if d.startswith("rl_") and (out / d / "results.json").exists())
+    rows = [json.loads(line) for line in (out / victim / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "controller/action" in r)
+    first["controller/action"] = "an earlier controller's decision"
+    (out / victim / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = [line.split()[0] for line in bench(out).splitlines() if "eval_loss" in line and line.startswith("  ")]
+    assert again == [victim], again
+    assert "an earlier" not in (out / victim / "metrics.jsonl").read_text()
