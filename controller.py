@@ -295,7 +295,7 @@ class RL(Off):
         self.mode = ""  # "gradient" or "trials", from the first observation
         self.stage = "first"  # the hypergradient search: first, cool_first, trial, cool_trial, climb
         self.history = 0  # segments in the current weights' history
-        self.climbed = False  # the last segment ran at an lr the climb had just raised
+        self.climbed_to = None  # the lr scale the climb last set (a rollback since then changed it)
         self.first, self.trial, self.trial_scale = None, None, None
         self.trials, self.segment = [], "trial"  # the trial search's state
         self.direction_pref, self.last_direction = [0.0, 0.0], None  # its logits of [down, up]
@@ -398,12 +398,12 @@ class RL(Off):
         the point where it stops saying so (not from a loaded slot: a trial's weights were not climbing)."""
         drop = tuple(dict.fromkeys((*drop, *(("best",) if "best" in ctl.slot_kept else ()))))
         too_low = h is not None and h < -LOW_H
-        climbed, self.climbed = self.climbed, False
+        climbed, self.climbed_to = self.climbed_to == ctl.lr_scale, None
         if too_low or (climbed and not load):
             old = ctl.lr_scale
             ctl.lr_scale = ctl.clip(old * (up_factor(h, self.history) if too_low else 10**PAST_STEP))
             if ctl.lr_scale != old:  # the weights about to be put at risk are kept for the safety net
-                self.climbed = too_low
+                self.climbed_to = ctl.lr_scale if too_low else None
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,

@@ -166,6 +166,15 @@ def test_a_step_past_the_climb_that_the_next_evaluation_punishes_is_undone():
     assert c.lr_scale == pytest.approx(10 ** (ctl.FIRST_UP_MAX + ctl.PAST_STEP) * ctl.SAFETY_LR_FACTOR)
 
 
+def test_no_step_past_a_move_up_that_the_safety_net_undid():
+    """A move up, a spike, the rollback to the weights before it at half the lr: the next quiet reading commits
+    there, without a step past (towards the lr that has just spiked)."""
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.12), (4.5 * 1.5, -0.01), (4.4, -0.01)])
+    assert decisions[1].action == "rollback" and decisions[2].action == "commit"
+    assert c.lr_scale == pytest.approx(10**ctl.FIRST_UP_MAX * ctl.SAFETY_LR_FACTOR)
+
+
 def test_a_start_that_never_climbed_takes_no_step_past():
     """A good start (never read too low) and a start picked by the down trial commit without a step past."""
     for script in ([(3.3, -0.01)], [(3.3, 0.02), (3.25, None), (3.2, -0.01), (2.9, None)]):
