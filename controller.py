@@ -281,7 +281,8 @@ class RL(Off):
     lr; the suspicion is settled by one trial a decade lower from the initial weights on the same batches, both
     compared after a short cooldown: the trial's reward is its cooled improvement over the first segment
     (compute_reward), and the better one's weights go on. Up only from the live weights, while h says too low (a
-    too-low lr does no damage), then commit. At a good start no trial runs and nothing is discarded.
+    too-low lr does no damage), then one step past where it stopped saying so, then commit. At a good start no
+    trial runs and nothing is discarded.
 
     Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
     cooldown and compared by the cooled loss; the direction of the next trial is drawn from preferences that
