@@ -126,8 +126,11 @@ def run(args, name, flags):
     flags = flags + args.task_flags + args.passthrough
     if os.path.isfile(os.path.join(out, "results.json")) and os.path.isfile(os.path.join(out, "flags.json")):
         with open(os.path.join(out, "flags.json")) as f:
-            if json.load(f) == flags and replays(flags, *load(out)):
-                return load(out)
+            same_flags = json.load(f) == flags
+        if same_flags:
+            res, rows = load(out)
+            if replays(flags, res, rows):
+                return res, rows
     t = time.time()
     launch(args, ["--output_dir", out, "--overwrite_output_dir", "--sample_tokens", "0", *flags], args.threads)
     with open(os.path.join(out, "flags.json"), "w") as f:
