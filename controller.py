@@ -185,8 +185,10 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      compared with the first segment after a cooldown each (the short horizon favours the higher lr, so a lower
 #      lr that wins is trusted). Two too-high lrs are stuck on the same early plateau, so a down trial that ties with
 #      the first (within BOTH_HIGH_TIE) means both are too high: training goes on from the lower one, another
-#      TRIAL_DOWN down. The first segment and the trial are sized so that one trial and its two cooldowns fit the
-#      search budget (at most the interval, at least MIN_TRIAL steps);
+#      TRIAL_DOWN down. A trial that loses but reads too low (h < -LOW_H) puts the best lr between the two: its
+#      weights go on and climb (2.) (the comparison favours the higher lr; a too-low lr does no damage).
+#      The first segment and the trial are sized so that one trial and its two cooldowns fit the search budget (at
+#      most the interval, at least MIN_TRIAL steps);
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      by UP_GAIN * |h| decades, at most FIRST_UP_MAX after the first reading (which reads "too low" even at the
@@ -280,9 +282,10 @@ class RL(Off):
     Search by the hypergradient h (when the loop measures it). After the first segment, h > 0 suspects a too-high
     lr; the suspicion is settled by one trial a decade lower from the initial weights on the same batches, both
     compared after a short cooldown: the trial's reward is its cooled improvement over the first segment
-    (compute_reward), and the better one's weights go on. Up only from the live weights, while h says too low (a
-    too-low lr does no damage), then one step past where it stopped saying so, then commit. At a good start no
-    trial runs and nothing is discarded.
+    (compute_reward), and the better one's weights go on; the trial's also when it loses but reads too low (the best
+    lr is then between the two, and the comparison favours the higher lr). Up only from the live weights, while h says
+    too low (a too-low lr does no damage), then one step past where it stopped saying so, then commit. At a good
+    start no trial runs and nothing is discarded.
 
     Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
     cooldown and compared by the cooled loss; the direction of the next trial is drawn from preferences that
@@ -371,9 +374,11 @@ class RL(Off):
             trial["cooled"] = loss
             reward = compute_reward(first["cooled"], trial["cooled"], 1, 1)  # the trial's relative improvement
             win = min((first, trial), key=lambda t: (t["cooled"], t["scale"]))
-            tie = abs(reward) <= BOTH_HIGH_TIE
-            both_high = trial["scale"] < first["scale"] and tie
-            win = trial if both_high else win
+            # a lower trial that ties means both are too high; one that loses but reads too low puts the best lr between
+            # the two: its weights go on and climb (the comparison favours the higher lr; a too-low lr does no damage)
+            both_high = trial["scale"] < first["scale"] and abs(reward) <= BOTH_HIGH_TIE
+            low = trial["scale"] < first["scale"] and trial["h"] is not None and trial["h"] < -LOW_H
+            win = trial if both_high or low else win
             ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
                 win["slot"],

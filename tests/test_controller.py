@@ -213,11 +213,28 @@ def test_a_short_run_shortens_the_trial_to_fit_the_search_budget():
 
 
 def test_a_suspicion_that_the_trial_does_not_confirm_keeps_the_start():
-    """The same suspicion, but the first segment wins after the cooldown: back to its weights and its lr."""
+    """The same suspicion, but the first segment wins after the cooldown and the trial does not read too low: back
+    to the first segment's weights and its lr."""
     c = rl()
-    decisions, *_ = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.4, None), (2.8, 0.0)])
+    decisions, *_ = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.005), (3.4, None), (2.8, 0.0)])
     assert decisions[3].action == "pick_x1" and decisions[3].load == "first" and c.lr_scale == 1.0
     assert decisions[4].action == "keep" and c.policy.phase == "online"
+
+
+def test_a_lower_trial_that_loses_but_reads_too_low_goes_on_and_climbs():
+    """The start reads too high, the trial a decade below loses the cooled comparison but reads too low: the best lr
+    lies between them. The comparison favours the higher lr, and a too-low lr does no damage, so the trial's weights
+    go on and climb from there (up from the live weights). A tie still means both are too high."""
+    c = rl()
+    decisions, spent, kept = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.4, None), (3.0, -0.2)])
+    down = 10**-ctl.TRIAL_DOWN
+    pick = decisions[3]
+    assert pick.action == f"pick_x{down:.3g}_then_up_x{10**ctl.FIRST_UP_MAX:.3g}" and pick.load == "trial"
+    assert c.lr_scale > down and decisions[4].action == f"up_x{10**ctl.UP_MAX:.3g}" and not decisions[4].load
+    assert spent - kept == INTERVAL * TPS + 2 * c.cool_steps * TPS  # the first segment and the two cooldowns
+    c = rl()
+    decisions, *_ = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.0 * 1.005, None)])
+    assert decisions[3].action.endswith("_then_down") and c.lr_scale == pytest.approx(down**2)
 
 
 def test_a_down_trial_that_ties_means_both_too_high_and_goes_further_down():
