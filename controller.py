@@ -184,9 +184,10 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      suspects a too-high lr; the suspicion is settled by one trial from the initial weights at lr x 10**-TRIAL_DOWN,
 #      compared with the first segment after a cooldown each (the short horizon favours the higher lr, so a lower
 #      lr that wins is trusted). Two too-high lrs are stuck on the same early plateau, so a down trial that ties with
-#      the first (within BOTH_HIGH_TIE) means both are too high: training goes on from the lower one, another
-#      TRIAL_DOWN down. A trial that loses but reads too low (h < -LOW_H) puts the best lr between the two: its
-#      weights go on and climb (2.) (the comparison favours the higher lr; a too-low lr does no damage).
+#      the first (within BOTH_HIGH_TIE) means both are too high: another TRIAL_DOWN down, from the initial weights
+#      if the search budget allows discarding the trial too (a longer run), else on from the lower one's weights.
+#      A trial that loses but reads too low (h < -LOW_H) puts the best lr between the two: its weights go on and
+#      climb (2.) (the comparison favours the higher lr; a too-low lr does no damage).
 #      The first segment and the trial are sized so that one trial and its two cooldowns fit the search budget (at
 #      most the interval, at least MIN_TRIAL steps);
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
@@ -383,13 +384,17 @@ class RL(Off):
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
                 win["slot"],
             )
-            if both_high:  # from the lower one's weights, further down (no budget for another trial)
+            if both_high:  # another decade down: from the initial weights when the budget allows discarding the
+                # trial too (a too-high lr's damage lasts), else on from the lower one's weights
                 ctl.lr_scale = ctl.clip(win["scale"] * 10**-TRIAL_DOWN)
+                restart = "init" in ctl.slot_kept and ctl.room(obs.tokens, 0, ctl.slot_kept["init"])
+                if restart:  # a fresh history: its first reading is capped as a first one, its losses a new best
+                    self.history, ctl.best = 0, math.inf
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
-                    action=f"pick_x{win['scale']:.3g}_then_down",
-                    load=win["slot"],
+                    action=f"pick_x{win['scale']:.3g}_then_down" + ("_from_init" if restart else ""),
+                    load="init" if restart else win["slot"],
                     drop=drop,
                     measure=True,
                     phase="search",

@@ -232,18 +232,36 @@ def test_a_lower_trial_that_loses_but_reads_too_low_goes_on_and_climbs():
     assert pick.action == f"pick_x{down:.3g}_then_up_x{10**ctl.FIRST_UP_MAX:.3g}" and pick.load == "trial"
     assert c.lr_scale > down and decisions[4].action == f"up_x{10**ctl.UP_MAX:.3g}" and not decisions[4].load
     assert spent - kept == INTERVAL * TPS + 2 * c.cool_steps * TPS  # the first segment and the two cooldowns
-    c = rl()
+    c = rl(budget_steps=250)
     decisions, *_ = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.0 * 1.005, None)])
     assert decisions[3].action.endswith("_then_down") and c.lr_scale == pytest.approx(down**2)
 
 
 def test_a_down_trial_that_ties_means_both_too_high_and_goes_further_down():
     """The start and the trial a decade below end the same after the cooldown (stuck on the same plateau): training
-    goes on from the lower one's weights, another decade down, without a second rollback."""
-    c = rl()
+    goes on from the lower one's weights, another decade down, without a second rollback (the budget has no room
+    for discarding the trial too)."""
+    c = rl(budget_steps=250)
     decisions, *_ = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None)])
     assert decisions[3].action.endswith("_then_down") and decisions[3].load == "trial"
     assert c.lr_scale == pytest.approx(10 ** (-2 * ctl.TRIAL_DOWN))
+
+
+def test_both_too_high_restarts_from_the_initial_weights_when_the_budget_allows():
+    """A tie means both too high, and the trial's weights are damaged too: with room in the search budget for
+    discarding the trial as well (a longer run, or a larger --search_budget), the next lr starts from the initial
+    weights; the whole search is discarded, within the budget, and the fresh history's first move is capped as a
+    first reading's."""
+    c = rl(search_budget=0.2)
+    decisions, spent, kept = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None), (3.5, -0.2)])
+    down = 10**-ctl.TRIAL_DOWN
+    assert decisions[3].action == f"pick_x{down:.3g}_then_down_from_init" and decisions[3].load == "init"
+    assert not c.slot_kept or set(c.slot_kept) == {"best"}
+    assert decisions[4].action == f"up_x{10**ctl.FIRST_UP_MAX:.3g}"  # a first reading again; 3.5 is no spike
+    assert spent - kept == 2 * INTERVAL * TPS + 2 * c.cool_steps * TPS <= 0.2 * c.budget_tokens  # all of the search
+    c = rl(budget_steps=250)  # the trial fits the budget, discarding it too does not: on from its weights
+    decisions, *_ = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None)])
+    assert decisions[1].action.startswith("trial") and decisions[3].load == "trial"
 
 
 def test_no_budget_no_trial():
