@@ -377,8 +377,8 @@ class RL(Off):
             win = min((first, trial), key=lambda t: (t["cooled"], t["scale"]))
             # a lower trial that ties means both are too high; one that loses but reads too low puts the best lr between
             # the two: its weights go on and climb (the comparison favours the higher lr; a too-low lr does no damage)
-            both_high = trial["scale"] < first["scale"] and abs(reward) <= BOTH_HIGH_TIE
-            low = trial["scale"] < first["scale"] and trial["h"] is not None and trial["h"] < -LOW_H
+            both_high = abs(reward) <= BOTH_HIGH_TIE  # (the trial is always the lower: it runs only if clip() allows)
+            low = trial["h"] is not None and trial["h"] < -LOW_H
             win = trial if both_high or low else win
             ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
