@@ -220,6 +220,11 @@ def cooldown_steps(trial_steps):
     return max(2, round(trial_steps * COOL_FRAC))
 
 
+def reads_too_low(h):
+    """Whether a hypergradient reading says the lr is too low (a larger one would have lowered the loss)."""
+    return h is not None and h < -LOW_H
+
+
 def up_factor(h, readings):
     """The climb's lr factor for a hypergradient h < 0 read after `readings` segments of the weights' history."""
     return 10 ** min(FIRST_UP_MAX if readings < 2 else UP_MAX, UP_GAIN * -h)
@@ -378,7 +383,7 @@ class RL(Off):
             # a lower trial that ties means both are too high; one that loses but reads too low puts the best lr between
             # the two: its weights go on and climb (the comparison favours the higher lr; a too-low lr does no damage)
             both_high = abs(reward) <= BOTH_HIGH_TIE  # (the trial is always the lower: it runs only if clip() allows)
-            low = trial["h"] is not None and trial["h"] < -LOW_H
+            low = reads_too_low(trial["h"])
             win = trial if both_high or low else win
             ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
@@ -408,7 +413,7 @@ class RL(Off):
         """2-3: up from the live weights while the hypergradient says too low, one step per segment; one step past
         the point where it stops saying so (not from a loaded slot: a trial's weights were not climbing)."""
         drop = tuple(dict.fromkeys((*drop, *(("best",) if "best" in ctl.slot_kept else ()))))
-        too_low = h is not None and h < -LOW_H
+        too_low = reads_too_low(h)
         climbed, self.climbed_to = self.climbed_to == ctl.lr_scale, None
         if too_low or (climbed and not load):
             old = ctl.lr_scale
@@ -437,7 +442,7 @@ class RL(Off):
         h = obs.hypergradient
         drop = ("best",) if "best" in ctl.slot_kept else ()
         measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL
-        if measure and h is not None and h < -LOW_H:
+        if measure and reads_too_low(h):
             old = ctl.lr_scale
             ctl.lr_scale = ctl.clip(old * up_factor(h, self.history))
             if ctl.lr_scale != old:
