@@ -876,6 +876,7 @@ class GradientProbe:
         self.active = False
         self.sums = torch.zeros(5, dtype=torch.float64)  # g.u, g.gp, |g|^2, |u|^2, |gp|^2
         self.prev_grad, self.prev_update, self.before = {}, {}, {}
+        self.scratch = None
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
 
@@ -884,22 +885,32 @@ class GradientProbe:
         if not self.active:
             return
         for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
-            g, key = p.grad.detach().float(), id(p)
-            if key in self.prev_update:
-                u, gp = self.prev_update[key], self.prev_grad[key]
-                self.sums += (
-                    torch.stack([(g * u).sum(), (g * gp).sum(), g.square().sum(), u.square().sum(), gp.square().sum()])
-                    .double()
-                    .cpu()
-                )
-            self.prev_grad[key], self.before[key] = g.clone(), p.detach().float().clone()
+            g, w, key = p.grad.detach().float().reshape(-1), p.detach().float().reshape(-1), id(p)
+            u, gp = self.prev_update.pop(key, None), self.prev_grad.get(key)
+            if u is not None:
+                self._add(g, u, gp)
+            # the buffers are reused (no allocation per step): the last update's holds the weights before this one
+            self.prev_grad[key] = g.clone() if gp is None else gp.copy_(g)
+            self.before[key] = w.clone() if u is None else u.copy_(w)
+
+    def _add(self, g, u, gp):
+        """Add g.u, g.gp, |g|^2, |u|^2, |gp|^2 to the sums, on the gradient's device (no host sync per tensor),
+        through one reused scratch buffer (no temporaries)."""
+        if self.scratch is None or self.scratch.numel() < g.numel() or self.scratch.device != g.device:
+            self.scratch = torch.empty(g.numel(), dtype=g.dtype, device=g.device)
+        if self.sums.device != g.device and g.device.type != "mps":  # (MPS has no float64: sums stay on the host)
+            self.sums = self.sums.to(g.device)
+        b = self.scratch[: g.numel()]
+        terms = [torch.mul(x, y, out=b).sum() for x, y in ((g, u), (g, gp), (g, g), (u, u), (gp, gp))]
+        self.sums += torch.stack(terms).double().to(self.sums.device)
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs):
         if not self.before:  # not measuring
             return
         for p in (p for g in optimizer.param_groups for p in g["params"] if id(p) in self.before):
-            self.prev_update[id(p)] = p.detach().float() - self.before.pop(id(p))
+            before = self.before.pop(id(p))
+            self.prev_update[id(p)] = torch.sub(p.detach().float().reshape(-1), before, out=before)
 
     def start(self):
         """Measure from the next step on (the first step only records the update the next one is compared with)."""

@@ -72,3 +72,38 @@ def test_a_start_30x_too_low_is_rescued(off):
 def test_a_start_10x_too_high_is_rescued(off):
     loss, spent = run(BEST_LR * 10, "rl")
     assert loss < off[BEST_LR * 10] / 5 and spent <= 1000 * 1.1, (loss, off)
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW])
+def test_gradient_probe_reads_the_cosines_it_defines(opt_cls):
+    """GradientProbe's two readings against the same sums taken by hand in float64 over a window of steps: the
+    gradient against the previous update (the hypergradient) and against the previous gradient (the alignment).
+    With plain SGD the update is -lr * gradient, so the hypergradient is minus the alignment."""
+    from train import GradientProbe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    opt = opt_cls(model.parameters(), lr=0.05)
+    probe = GradientProbe(opt)
+    x, y = torch.randn(6, 32, 8), torch.randn(6, 32, 2)
+    sums, prev = torch.zeros(5, dtype=torch.float64), None
+    for t in range(6):
+        if t == 2:
+            probe.start()
+        opt.zero_grad(set_to_none=False)  # gradients in the same buffers each step (as DeepSpeed keeps them)
+        torch.nn.functional.mse_loss(model(x[t]), y[t]).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double()
+        if t > 2:  # the first measured step only records the update
+            gp, u = prev
+            sums += torch.stack([g @ u, g @ gp, g @ g, u @ u, gp @ gp])
+        opt.step()
+        prev = (g, torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double() - before)
+    gu, ggp, gg, uu, gpgp = sums.tolist()
+    h, align = probe.read()
+    assert h == pytest.approx(gu / math.sqrt(gg * uu), abs=1e-5) and align == pytest.approx(
+        ggp / math.sqrt(gg * gpgp), abs=1e-5
+    )
+    assert -1 < h < 1 and -1 < align < 1 and h != 0 and not probe.active
+    if opt_cls is torch.optim.SGD:
+        assert h == pytest.approx(-align, abs=1e-5)
