@@ -166,6 +166,44 @@ def test_a_step_past_the_climb_that_the_next_evaluation_punishes_is_undone():
     assert c.lr_scale == pytest.approx(10 ** (ctl.FIRST_UP_MAX + ctl.PAST_STEP) * ctl.SAFETY_LR_FACTOR)
 
 
+def test_a_move_up_after_which_the_loss_rises_is_undone_and_the_climb_ends():
+    """A move up, then an eval loss more than UNDO_RISE above the one before it (below the safety net's spike): the
+    move's reward is negative, so back to the weights and the lr from before it, and no more moves up however low
+    the readings (a direction that lost); in the search (the segment after the move is discarded) and online. A
+    smaller rise (an evaluation on a plateau moves that much) is not a verdict."""
+    assert 0 < ctl.UNDO_RISE < ctl.SPIKE
+    c = rl()
+    decisions, spent, kept = run(c, [(4.5, -0.12), (4.0, -0.12), (4.3, -0.12), (3.9, -0.12), (3.8, -0.12)])
+    assert [d.action[:4] for d in decisions] == ["up_x", "up_x", "undo", "keep", "keep"]
+    assert decisions[2].load == "best" and c.lr_scale == pytest.approx(10**ctl.FIRST_UP_MAX)
+    assert c.policy.phase == "online" and not c.slot_kept and not decisions[-1].measure
+    assert spent - kept == INTERVAL * TPS
+    c = rl()
+    decisions, spent, kept = run(c, [(3.3, -0.01), (3.0, -0.05), (3.2, -0.05), (2.9, -0.05)])
+    assert [d.action[:4] for d in decisions] == ["comm", "up_x", "undo", "keep"]
+    assert decisions[2].load == "best" and "best" in decisions[2].drop and c.lr_scale == 1.0
+    # a rise that is the run's own (no move up before it) is left alone
+    c = rl()
+    decisions, *_ = run(c, [(3.3, -0.01), (3.0, -0.01), (3.1, -0.05), (2.9, -0.01)])
+    assert [d.action[:4] for d in decisions] == ["comm", "keep", "up_x", "keep"]
+    c = rl()
+    decisions, *_ = run(c, [(3.3, -0.01), (3.0, -0.05), (3.0 * (1 + ctl.UNDO_RISE) - 0.01, -0.05)])
+    assert [d.action[:4] for d in decisions] == ["comm", "up_x", "up_x"]
+
+
+def test_the_safety_net_rolls_back_once_and_judges_a_move_by_the_loss_before_it():
+    """A run whose own loss has drifted up (high-lr SGD did this in a plain loop) and a move up then: the move is
+    judged against the loss just before it, not the run's best (which made every later eval a "spike"), and a
+    rollback frees its slot (the same weights and batches are never brought back twice: the loop once ran for ever)."""
+    c = rl()
+    decisions, *_ = run(c, [(1.5, -0.01), (2.2, -0.01), (2.25, -0.05), (2.45, 0.1), (2.45, 0.1), (2.2, 0.1)])
+    assert [d.action[:4] for d in decisions] == ["comm", "keep", "up_x", "undo", "keep", "keep"]
+    assert sum(bool(d.load) for d in decisions) == 1
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.12), (9.0, -0.01), (9.0, -0.01), (9.0, -0.01)])
+    assert [d.action for d in decisions[1:]] == ["rollback", "commit", "keep"] and decisions[1].drop == ("best",)
+
+
 def test_no_step_past_a_move_up_that_the_safety_net_undid():
     """A move up, a spike, the rollback to the weights before it at half the lr: the next quiet reading commits
     there, without a step past (towards the lr that has just spiked)."""

@@ -1,0 +1,150 @@
+"""The README's plain-PyTorch snippet, executed as written, on three loops unlike the benchmark's language models:
+mlp_adam (a 10-class Gaussian-mixture classifier, an MLP, Adam), mlp_sgd (the same with SGD + momentum 0.9) and lstm
+(a character LSTM on a synthetic bracket grammar, AdamW). The data are fixed; the seed sets the initialisation.
+
+    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR
+    python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
+
+One JSON per run in OUT_DIR (final validation loss, tokens spent / budget); runs already there are skipped.
+Not used by train.py or the tests.
+"""
+
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+
+def snippet():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("### Using controller.py in your own loop") :]
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+
+
+def make(task, seed):
+    g = torch.Generator().manual_seed(1234)  # the data: fixed across seeds
+    torch.manual_seed(seed)
+    if task in ("mlp_adam", "mlp_sgd"):
+        centers = torch.randn(10, 32, generator=g) * 0.4
+
+        def draw(n):
+            y = torch.randint(0, 10, (n,), generator=g)
+            return centers[y] + torch.randn(n, 32, generator=g), y
+
+        x, y = draw(16384)
+        xv, yv = draw(2048)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(32, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 10),
+        )
+        loss_fn = torch.nn.functional.cross_entropy
+        opt = (
+            torch.optim.Adam(model.parameters(), lr=1e-3)
+            if task == "mlp_adam"
+            else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+        )
+        bs = 64
+
+        def batch(pos):
+            i = torch.arange(pos * bs, (pos + 1) * bs) % x.shape[0]
+            return model(x[i]), y[i]
+
+        def evaluate():
+            with torch.no_grad():
+                return loss_fn(model(xv), yv).item()
+
+        return model, opt, batch, evaluate, loss_fn, bs
+    # lstm: a synthetic grammar of nested brackets and words
+    V, T = 16, 64
+
+    def gen(n):
+        out = torch.zeros(n, T + 1, dtype=torch.long)
+        for r in range(n):
+            seq, depth = [], 0
+            while len(seq) < T + 1:
+                u = torch.rand(1, generator=g).item()
+                if u < 0.2 and depth < 4:
+                    seq.append(1)
+                    depth += 1
+                elif u < 0.4 and depth > 0:
+                    seq.append(2)
+                    depth -= 1
+                else:
+                    seq.append(3 + (depth * 3 + int(torch.randint(0, 3, (1,), generator=g))) % 13)
+            out[r] = torch.tensor(seq[: T + 1])
+        return out
+
+    data, val = gen(2048), gen(256)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = torch.nn.Embedding(V, 64)
+            self.r = torch.nn.LSTM(64, 128, batch_first=True)
+            self.o = torch.nn.Linear(128, V)
+
+        def forward(self, s):
+            return self.o(self.r(self.e(s))[0])
+
+    model = LM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    bs = 16
+
+    def lm_loss(logits, tgt):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
+
+    def batch(pos):
+        i = torch.arange(pos * bs, (pos + 1) * bs) % data.shape[0]
+        return model(data[i, :-1]), data[i, 1:]
+
+    def evaluate():
+        with torch.no_grad():
+            return lm_loss(model(val[:, :-1]), val[:, 1:]).item()
+
+    return model, opt, batch, evaluate, lm_loss, bs * T
+
+
+def run(task, base_lr, policy, seed, steps):
+    model, opt, batch, evaluate, loss_fn, tps = make(task, seed)
+    env = {
+        "model": model,
+        "opt": opt,
+        "base_lr": base_lr,
+        "steps": steps,
+        "tokens_per_step": tps,
+        "evaluate": evaluate,
+        "batch": batch,
+        "loss_fn": loss_fn,
+        "schedule": lambda frac: (
+            min(1.0, (steps * frac + 1) / (steps * 0.03 + 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        ),
+    }
+    code = snippet().replace('"rl"', f'"{policy}"')
+    exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, as in tests/test_plain_loop.py
+    return evaluate(), env["spent"] / steps
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    task, steps, lrs, seeds, policies, out = sys.argv[1:7]
+    os.makedirs(out, exist_ok=True)
+    for lr in map(float, lrs.split(",")):
+        for s in map(int, seeds.split(",")):
+            for pol in policies.split(","):
+                f = os.path.join(out, f"{task}_{pol}_{lr:g}_{s}.json")
+                if os.path.exists(f):
+                    continue
+                loss, cost = run(task, lr, pol, s, int(steps))
+                with open(f, "w") as fh:
+                    json.dump({"task": task, "lr": lr, "policy": pol, "seed": s, "loss": loss, "cost": cost}, fh)
+                print(task, pol, f"{lr:g}", s, round(loss, 5), round(cost, 3), flush=True)
