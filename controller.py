@@ -323,9 +323,9 @@ class RL(Off):
         return Decision(1.0, ctl.grad_accum, steps=steps, action="start", save="init", measure=True, phase="search")
 
     def decide(self, ctl, obs, reward, nonfinite):
-        move, self.move = self.move, None
-        before = ctl.slot_loss.get("best", math.inf)
-        if move and move[1] == ctl.lr_scale and "best" in ctl.slot_kept and obs.eval_loss > before * (1 + UNDO_RISE):
+        move, self.move = self.move, None  # the move's verdict: is its lr still in place, and did the loss rise?
+        held = move and move[1] == ctl.lr_scale and "best" in ctl.slot_kept
+        if held and obs.eval_loss > ctl.slot_loss["best"] * (1 + UNDO_RISE):
             return self._undo(ctl, obs, move[0])
         if self.phase == "online":
             return self._online(ctl, obs)
