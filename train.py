@@ -80,7 +80,7 @@ def parse_args(argv=None):
     a("--zero_stage", type=int, choices=[0, 1, 2, 3], help="Override zero_optimization.stage of the DeepSpeed JSON.")
     # evaluation, checkpoints, logging
     a = p.add_argument_group("evaluation, checkpoints, logging").add_argument
-    a("--eval_steps", type=int, default=20, help="Evaluate every this many optimizer steps.")
+    a("--eval_steps", type=int, default=20, help="Evaluate every this many optimizer steps (from the last evaluation).")
     a("--max_eval_batches", type=int, default=8, help="Validation batches per process per evaluation (the same).")
     a("--final_eval_batches", type=int, default=0, help="Validation batches per process at the end (0: all of them).")
     a("--seed", type=int, default=0, help="Seed of the model init, the data order and the sample.")
@@ -566,6 +566,7 @@ class TrainState:
     batches_in_epoch: int = 0
     weights_id: int = 0  # which weights these are: the step that made them (a slot load brings back its id)
     segment_done: int = 0  # optimizer steps done in the controller's current segment
+    evaluated: int = 0  # the step of the last evaluation (--eval_steps counts from it)
     loss_sum: float = 0.0  # training loss summed over the finite steps since the last evaluation
     loss_steps: int = 0
     train_time: float = 0.0
@@ -1139,7 +1140,8 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
 
         # ---- evaluate; at the end of a segment the controller decides; log
         decide_now = deciding and state.segment_done >= n and not done
-        if decide_now or state.step % args.eval_steps == 0 or done:
+        if decide_now or state.step - state.evaluated >= args.eval_steps or done:  # (a decision's evaluation counts)
+            state.evaluated = state.step
             eval_loss, accuracy = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)
             mean = torch.tensor(state.loss_sum / max(state.loss_steps, 1), device=accelerator.device)
             train_loss = accelerator.reduce(mean, reduction="mean").item()

@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/test_train.py      (about 6 minutes on 2 CPU core
 """
 
 import glob
+import itertools
 import json
 import os
 import subprocess
@@ -77,7 +78,9 @@ SEARCH = ["--max_train_steps", "24", "--search_budget", "0.9", "--learning_rate"
 def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path):
     """A start far too high: the rl search runs a trial from the initial weights. The tokens it discards are counted
     apart, on top of the budget by default, inside it with --search_in_budget, never more than the search budget.
-    Slots in host memory (default) or as DeepSpeed checkpoints on disk give the same run, bit for bit."""
+    Slots in host memory (default) or as DeepSpeed checkpoints on disk give the same run, bit for bit. The search's
+    decisions fall off the --eval_steps grid (its cooldowns are shorter than the interval): each one's evaluation
+    restarts the count, so no grid evaluation follows a decision's a step or two later."""
     budget, out = 24 * 4 * 32, {}
     for name, extra in [("memory", []), ("disk", ["--controller_slots", "disk"]), ("inside", ["--search_in_budget"])]:
         out[name] = str(tmp_path / name)
@@ -89,6 +92,10 @@ def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path
     assert b["tokens_seen"] == budget and b["tokens_kept"] == budget - b["tokens_discarded"] > 0
     actions = [r["controller/action"] for r in rows(out["memory"]) if "controller/action" in r]
     assert "cooldown" in actions and any(x.startswith("trial_x") for x in actions), actions
+    evals = [(r["step"], "controller/action" in r) for r in rows(out["memory"]) if "eval_loss" in r]
+    assert any(step % 4 for step, decided in evals if decided), evals  # decisions off the grid
+    gaps = [s - p for (p, _), (s, decided) in itertools.pairwise(evals[:-1]) if not decided]  # (the last: the end)
+    assert all(gap == 4 for gap in gaps), evals  # (here every evaluation but the last is a decision's)
     strip = [[{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows(out[m])] for m in ("memory", "disk")]
     assert strip[0] == strip[1] and a["eval_loss"] == results(out["disk"])["eval_loss"]
 
