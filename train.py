@@ -18,6 +18,7 @@ Several nodes: the same command on every node, with --num_machines, --machine_ra
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -99,7 +100,12 @@ def parse_args(argv=None):
     a("--controller_seed", type=int, default=0, help="Seed of the controller's exploration.")
     a("--search_budget", type=float, default=ctl.SEARCH_BUDGET, help="Share of the budget rl may discard on trials.")
     a("--search_in_budget", action="store_true", help="Count discarded tokens in the budget (default: on top).")
-    a("--controller_slots", default="memory", choices=["memory", "disk"], help="Where rollback points are kept.")
+    a(
+        "--controller_slots",
+        default="memory",
+        choices=["memory", "device", "disk"],
+        help="Where rollback points are kept: host memory, the GPU's (fastest; needs room beside training), disk.",
+    )
     a("--max_nonfinite_steps", type=int, default=3, help="Non-finite steps in a row that force a rollback.")
     a("--controller_patience", type=int, help="Stop after this many decisions without a new best (default: never).")
     a("--min_lr", type=float, help="Lowest lr the controller may set (default: learning_rate/100).")
@@ -694,14 +700,14 @@ SLOT_META = ("model_tokens", "epoch", "batches_in_epoch", "weights_id")  # what 
 MAX_SLOTS = 3  # the most slots the controller holds at once (the rl search: init, the best trial, the current one)
 
 
-def to_host(x):
-    """A deep copy with every tensor in host memory."""
+def copy_to(x, device):
+    """A deep copy with every tensor on `device`."""
     if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", copy=True)
+        return x.detach().to(device, copy=True)
     if isinstance(x, dict):
-        return {k: to_host(v) for k, v in x.items()}
+        return {k: copy_to(v, device) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return type(x)(to_host(v) for v in x)
+        return type(x)(copy_to(v, device) for v in x)
     return copy.deepcopy(x)
 
 
@@ -750,6 +756,30 @@ def memory_slots_supported(engine):
     return zero and not engine.zero_cpu_offload() and not engine.zero_offload_param()
 
 
+def unborn_state_bytes(optimizer):
+    """The state the optimizer creates at its first step for the parameters that have none yet (AdamW has no moments
+    before it: a slot saved after a step is then 3x one saved now): as many tensors of each parameter's size as one
+    step of the optimizer's own class creates for a one-element parameter (two if that cannot be run)."""
+    missing = [p for g in optimizer.param_groups for p in g["params"] if not optimizer.state.get(p)]
+    if not missing:
+        return 0
+    per_param = 2  # AdamW's two moments
+    takes = inspect.signature(type(optimizer)).parameters
+    own = {k: v for k, v in optimizer.defaults.items() if k in takes}
+    for kwargs in (own, {}):  # its own settings, else its class's defaults
+        p = torch.zeros(1, requires_grad=True)
+        try:
+            probe = type(optimizer)([p], **kwargs)
+            getattr(probe, "train", lambda: None)()  # schedule-free optimizers step in train mode only
+            p.grad = torch.zeros(1)
+            probe.step()
+        except (TypeError, ValueError, RuntimeError):  # settings it does not take back, a step it cannot take here
+            continue
+        per_param = sum(torch.is_tensor(v) and v.dim() > 0 for v in probe.state[p].values())
+        break
+    return per_param * sum(p.numel() * p.element_size() for p in missing)
+
+
 def available_memory_bytes():
     try:
         with open("/proc/meminfo") as f:
@@ -761,17 +791,24 @@ def available_memory_bytes():
 class Slots:
     """The controller's rollback points: the weights, optimizer state and data position saved under a name and
     loaded back. "memory": every rank keeps a host copy of its own share (see engine_state: with AdamW at ZeRO
-    1-3 that is 12 bytes per parameter / processes, at stage 0 16 bytes per parameter); "disk": DeepSpeed
-    checkpoints in output_dir/controller_slots/NAME. Memory falls back to disk when the engine's optimizer is not
-    supported (offload, mixed-precision stage 0) or MAX_SLOTS copies would take more than half the free memory."""
+    1-3 that is 12 bytes per parameter / processes, at stage 0 16 bytes per parameter); "device": the copy stays
+    in the GPU's memory (no transfer over PCIe; falls back to host memory); "disk": DeepSpeed checkpoints in
+    output_dir/controller_slots/NAME. Copies fall back to disk when the engine's optimizer is not supported
+    (offload, mixed-precision stage 0) or MAX_SLOTS copies would take more than half the free memory (the GPU's
+    free memory before training, for "device": it must also hold the activations)."""
 
     def __init__(self, accelerator, engine, root, mode, state):
         self.acc, self.engine, self.root, self.state = accelerator, engine, root, state
-        self.slot_bytes = tensor_bytes(engine_state(engine))
-        free, local = available_memory_bytes(), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        fits = free is None or MAX_SLOTS * self.slot_bytes * local < free / 2
-        self.mode = "memory" if mode == "memory" and memory_slots_supported(engine) and fits else "disk"
-        self.mem = {}  # name -> host copy of this rank's engine state (memory mode)
+        self.slot_bytes = tensor_bytes(engine_state(engine)) + unborn_state_bytes(base_optimizer(engine))
+        self.where = None  # the device the copies are kept on (None: on disk)
+        if mode != "disk" and memory_slots_supported(engine):
+            room = [(torch.device("cpu"), available_memory_bytes(), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))]
+            if mode == "device" and accelerator.device.type == "cuda":  # each process its own GPU
+                room.insert(0, (accelerator.device, torch.cuda.mem_get_info(accelerator.device)[0], 1))
+            fits = [d for d, free, share in room if free is None or MAX_SLOTS * self.slot_bytes * share < free / 2]
+            self.where = fits[0] if fits else None
+        self.mode = {None: "disk", "cpu": "memory"}.get(getattr(self.where, "type", None), "device")
+        self.mem = {}  # name -> a copy of this rank's engine state (memory and device modes)
         self.meta = {}  # name -> the TrainState fields it restores
         self.written = {}  # name -> (weights_id, checkpoint dir) where its files were last written
 
@@ -779,8 +816,8 @@ class Slots:
         return f"{self.mode}, {self.slot_bytes / 2**20:.3g} MB per slot per process, at most {MAX_SLOTS} slots"
 
     def save(self, name):
-        if self.mode == "memory":
-            self.mem[name] = to_host(engine_state(self.engine))
+        if self.where is not None:
+            self.mem[name] = copy_to(engine_state(self.engine), self.where)
         else:
             self.engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False)
             self.acc.wait_for_everyone()
@@ -791,8 +828,8 @@ class Slots:
         self.meta[name] = {k: getattr(self.state, k) for k in SLOT_META}
 
     def load(self, name):
-        if self.mode == "memory":  # from a copy: the slot stays as it was saved
-            load_engine_state(self.engine, to_host(self.mem[name]), self.acc.num_processes)
+        if self.where is not None:  # from a copy: the slot stays as it was saved
+            load_engine_state(self.engine, copy_to(self.mem[name], self.where), self.acc.num_processes)
         else:
             self.engine.load_checkpoint(self.root, tag=name, load_optimizer_states=True, load_lr_scheduler_states=False)
         for k, v in self.meta[name].items():
@@ -818,13 +855,13 @@ class Slots:
             wid, earlier = self.written.get(name, (None, None))
             if wid == meta["weights_id"] and earlier in checkpoints.values():
                 src = os.path.join(earlier, "controller_slots", name)
-            elif self.mode == "memory":
+            elif self.where is not None:
                 os.makedirs(os.path.join(dest, name), exist_ok=True)
                 torch.save(self.mem[name], os.path.join(dest, name, f"rank_{rank}.pt"))
                 continue
             else:
                 src = os.path.join(self.root, name)
-            if self.mode == "memory":
+            if self.where is not None:
                 os.makedirs(os.path.join(dest, name), exist_ok=True)
                 os.link(os.path.join(src, f"rank_{rank}.pt"), os.path.join(dest, name, f"rank_{rank}.pt"))
             elif self.acc.is_main_process:  # DeepSpeed's files, written once: link them
@@ -846,10 +883,9 @@ class Slots:
             if entry["same_as_checkpoint"]:  # the weights just loaded
                 self.save(name)
                 continue
-            if self.mode == "memory":
-                self.mem[name] = torch.load(
-                    os.path.join(src, name, f"rank_{self.acc.process_index}.pt"), weights_only=False
-                )
+            if self.where is not None:
+                path = os.path.join(src, name, f"rank_{self.acc.process_index}.pt")
+                self.mem[name] = torch.load(path, map_location=self.where, weights_only=False)
             elif self.acc.is_main_process:
                 shutil.copytree(os.path.join(src, name), os.path.join(self.root, name), copy_function=os.link)
             self.meta[name] = meta

