@@ -634,6 +634,31 @@ def check_checkpoint_files(path, saved):
             fail(f"--resume_from_checkpoint: {f!r} is damaged ({found}); resume from another step_N")
 
 
+def check_slot_form(path, table, requested, copies, mode):
+    """A resume keeps the checkpoint's slots in the form they were saved in: copies (memory or device slots,
+    `rank_N.pt`) or DeepSpeed checkpoints (disk). Another is one line, before anything is loaded, instead of a failure
+    at the next rollback. Checked on the flag before start-up, and once the slots' form here is known (copies fall back
+    to disk where they do not fit)."""
+    src = os.path.join(path, "controller_slots")
+    for name, entry in table.items():
+        if entry["same_as_checkpoint"]:  # (no files: the checkpoint's own weights)
+            continue
+        held = any(n.startswith("rank_") for n in os.listdir(os.path.join(src, name)))
+        if held == copies:
+            continue
+        if not held:
+            fix = "resume with --controller_slots disk"
+        elif requested == "disk":
+            fix = "resume with --controller_slots memory"
+        else:  # copies asked for, but they fall back to disk here
+            fix = "3 copies do not fit in half the free memory here, or its optimizer is not supported"
+        fail(
+            f"--controller_slots {requested}: {path!r} holds its slot {name!r} "
+            f"{'as a copy (memory or device)' if held else 'on disk'}, which this run ({mode} slots) cannot "
+            f"load; {fix}, or from another step_N"
+        )
+
+
 def file_sizes(root):
     """{relative path: size} of every file under root."""
     return {
@@ -675,6 +700,7 @@ def save_checkpoint(accelerator, output_dir, state, controller, slots, save_tota
 
 def load_checkpoint(accelerator, path, state, controller, slots, saved):
     """The weights, optimizer, RNG and data position, the controller, and its slots."""
+    slots.check(path, saved["slots"])
     try:
         accelerator.load_state(path)
     except Exception as e:  # noqa: BLE001 - any failure to load a file that passed the size check is one line
@@ -798,7 +824,7 @@ class Slots:
     free memory before training, for "device": it must also hold the activations)."""
 
     def __init__(self, accelerator, engine, root, mode, state):
-        self.acc, self.engine, self.root, self.state = accelerator, engine, root, state
+        self.acc, self.engine, self.root, self.state, self.requested = accelerator, engine, root, state, mode
         self.slot_bytes = tensor_bytes(engine_state(engine)) + unborn_state_bytes(base_optimizer(engine))
         self.where = None  # the device the copies are kept on (None: on disk)
         if mode != "disk" and memory_slots_supported(engine):
@@ -872,6 +898,10 @@ class Slots:
         for name, meta in self.meta.items():
             if meta["weights_id"] != self.state.weights_id:
                 self.written[name] = (meta["weights_id"], path)
+
+    def check(self, path, table):
+        """Before a resume loads anything: the checkpoint's slots are in the form they are kept in here."""
+        check_slot_form(path, table, self.requested, self.where is not None, self.mode)
 
     def read(self, src, table):
         """On resume: the slots as they were at the checkpoint."""
@@ -1435,6 +1465,8 @@ def main(argv=None):
     saved = read_train_state(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if saved:
         check_checkpoint_files(args.resume_from_checkpoint, saved)
+        mode = args.controller_slots
+        check_slot_form(args.resume_from_checkpoint, saved["slots"], mode, mode != "disk", mode)
     accelerator = make_accelerator(args, ds_config)
 
     # model, data, optimizer: built (and checked) before anything on disk changes

@@ -268,6 +268,27 @@ def test_damaged_rollback_slot_is_named_when_resuming(checkpointed, tmp_path):
     assert "controller_slots" in str(e.value.code) and "damaged" in str(e.value.code), e.value.code
 
 
+def test_resume_with_slots_kept_another_way_is_one_line(checkpointed, tmp_path):
+    """Slots checkpointed as in-memory copies cannot be loaded as DeepSpeed checkpoints on disk (and the reverse):
+    a resume with --controller_slots changed says so at once, naming the flag and the setting that works, instead of
+    failing at the next rollback (a DeepSpeed assertion, after steps already spent)."""
+    name = next(
+        n for n in sorted(os.listdir(checkpointed)) if os.path.isdir(os.path.join(checkpointed, n, "controller_slots"))
+    )
+    out = tmp_path / "out"
+    shutil.copytree(os.path.join(checkpointed, name), out / name)
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        train.main(
+            TINY
+            + SEARCHING
+            + ["--output_dir", str(out), "--resume_from_checkpoint", "latest", "--controller_slots", "disk"]
+        )
+    msg = str(e.value.code)
+    assert "--controller_slots disk" in msg and "--controller_slots memory" in msg and "\n" not in msg, msg
+    assert snapshot(out) == before
+
+
 # ---------------------------------------------------------------- the lr range test and its state
 def test_lr_range_test_then_rl_starts_from_the_suggestion_and_a_resume_keeps_it(tmp_path):
     """--lr_find_steps with --controller rl: the range test runs first (its tokens discarded), the controller starts
