@@ -79,9 +79,9 @@ def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path
     """A start far too high: the rl search runs a trial from the initial weights. The tokens it discards are counted
     apart, on top of the budget by default, inside it with --search_in_budget, never more than the search budget.
     Slots in host memory (default), in the GPU's (here, without one: host memory) or as DeepSpeed checkpoints on disk
-    give the same run, bit for bit. The search's
-    decisions fall off the --eval_steps grid (its cooldowns are shorter than the interval): each one's evaluation
-    restarts the count, so no grid evaluation follows a decision's a step or two later."""
+    give the same run, bit for bit. The search's decisions fall off the --eval_steps grid (its cooldowns are shorter
+    than the interval): each one's evaluation restarts the count, so no grid evaluation follows a decision's a step
+    or two later."""
     budget, out = 24 * 4 * 32, {}
     runs = [("memory", []), ("disk", ["--controller_slots", "disk"]), ("inside", ["--search_in_budget"])]
     for name, extra in runs + [("device", ["--controller_slots", "device"])]:  # (no GPU: host memory)
