@@ -205,7 +205,8 @@ MIN_TRIAL = 5
 LOW_H = 0.015
 UP_GAIN, FIRST_UP_MAX, UP_MAX = 10.0, 0.25, 0.5
 PAST_STEP = 0.25  # decades up past the point where a climb ends
-UNDO_RISE = 0.05  # a move up after which the eval loss rose this much (relative) is undone, and the climb ends
+UNDO_RISE = 0.05  # a move up after which the eval loss rose this much (relative) is undone, and the climb ends;
+# the lr goes back to where it was before the previous move up too (the readings that took it up ran high)
 ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
 # without gradient statistics: trials of an lr from one saved point, on identical batches, each ended by a short
 # cooldown and compared by the cooled eval loss (a cooldown removes the noise a too-high lr hides behind)
@@ -308,6 +309,7 @@ class RL(Off):
         self.history = 0  # segments in the current weights' history
         self.climbed_to = None  # the lr scale the climb last set (a rollback since then changed it)
         self.move = None  # (from, to): the last move up, its verdict pending (slot "best" holds the weights at "from")
+        self.moved_from = [None, None]  # the lr scale before the previous move up and before the last one
         self.climb_off = False  # a move up was punished: no more moves up
         self.first, self.trial, self.trial_scale = None, None, None
         self.trials, self.segment = [], "trial"  # the trial search's state
@@ -363,8 +365,13 @@ class RL(Off):
     def _undo(self, ctl, obs, old):
         """A move up after which the eval loss rose more than UNDO_RISE above the one before it (the move's reward
         is clearly negative; smaller rises are what an evaluation on a plateau moves by): back to the weights from
-        before it, when the search budget allows discarding the segment, and to its lr; no more moves up (a direction
-        that lost). On the three benchmark tasks the loss fell after every one of 195 moves up."""
+        before it, when the search budget allows discarding the segment, and to the lr from before the previous move
+        up (the readings that took the climb up have just been shown to run high on this task: where they turn is
+        above the best lr, not below it as on the language models); no more moves up (a direction that lost). On
+        the three benchmark tasks the loss fell after every one of 195 moves up; on plain-loop MLPs the step past the
+        climb's end was punished at the best lr, and going back to the lr of the move before it took rl from +1.5%
+        and +5.9% above off to +0.0% and +0.9% (docs/experiments/README.md)."""
+        old = min(old, self.moved_from[0] or old)
         self.climb_off, ctl.lr_scale = True, old
         back = ctl.room(obs.tokens, 0, ctl.slot_kept["best"])
         if self.phase != "online":
@@ -441,6 +448,7 @@ class RL(Off):
             if ctl.lr_scale != old:  # the weights about to be put at risk are kept for the safety net
                 self.climbed_to = ctl.lr_scale if too_low else None
                 self.move = None if load else (old, ctl.lr_scale)
+                self.moved_from = [self.moved_from[1], old]
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
@@ -468,6 +476,7 @@ class RL(Off):
             ctl.lr_scale = ctl.clip(old * up_factor(h, self.history))
             if ctl.lr_scale != old:
                 self.move = (old, ctl.lr_scale)
+                self.moved_from = [self.moved_from[1], old]
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,

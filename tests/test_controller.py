@@ -168,14 +168,15 @@ def test_a_step_past_the_climb_that_the_next_evaluation_punishes_is_undone():
 
 def test_a_move_up_after_which_the_loss_rises_is_undone_and_the_climb_ends():
     """A move up, then an eval loss more than UNDO_RISE above the one before it (below the safety net's spike): the
-    move's reward is negative, so back to the weights and the lr from before it, and no more moves up however low
-    the readings (a direction that lost); in the search (the segment after the move is discarded) and online. A
-    smaller rise (an evaluation on a plateau moves that much) is not a verdict."""
+    move's reward is negative, so back to the weights from before it and to the lr from before the previous move up
+    (the readings that took the climb there ran high), and no more moves up however low the readings (a direction
+    that lost); in the search (the segment after the move is discarded) and online. A smaller rise (an evaluation on
+    a plateau moves that much) is not a verdict."""
     assert 0 < ctl.UNDO_RISE < ctl.SPIKE
     c = rl()
     decisions, spent, kept = run(c, [(4.5, -0.12), (4.0, -0.12), (4.3, -0.12), (3.9, -0.12), (3.8, -0.12)])
     assert [d.action[:4] for d in decisions] == ["up_x", "up_x", "undo", "keep", "keep"]
-    assert decisions[2].load == "best" and c.lr_scale == pytest.approx(10**ctl.FIRST_UP_MAX)
+    assert decisions[2].load == "best" and c.lr_scale == 1.0  # the weights at 10**FIRST_UP_MAX, the lr before it
     assert c.policy.phase == "online" and not c.slot_kept and not decisions[-1].measure
     assert spent - kept == INTERVAL * TPS
     c = rl()
@@ -189,6 +190,30 @@ def test_a_move_up_after_which_the_loss_rises_is_undone_and_the_climb_ends():
     c = rl()
     decisions, *_ = run(c, [(3.3, -0.01), (3.0, -0.05), (3.0 * (1 + ctl.UNDO_RISE) - 0.01, -0.05)])
     assert [d.action[:4] for d in decisions] == ["comm", "up_x", "up_x"]
+
+
+def test_a_punished_step_past_goes_back_to_the_lr_before_the_last_move_up():
+    """The plain-loop MLPs' good start (docs/experiments/README.md): the readings say too low up to 5.6x the best lr,
+    the climb goes up twice, the step past is punished (the loss rises 12%). The run goes on from the weights before
+    the step past at the lr before the climb's last move up, not at the top of the climb; a move from the first
+    reading has no move before it and goes back to its own start."""
+    c = rl()
+    decisions, *_ = run(c, [(2.23, -0.34), (1.77, -0.39), (1.12, 0.056), (1.26, 0.05), (1.08, 0.05)])
+    assert [d.action[:4] for d in decisions] == ["up_x", "up_x", "past", "undo", "keep"]
+    assert decisions[3].load == "best" and c.lr_scale == pytest.approx(10**ctl.FIRST_UP_MAX)
+    assert c.slot_loss == {} and c.policy.phase == "online" and not decisions[4].measure  # the climb is over
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.12), (4.8, -0.12)])
+    assert decisions[1].action == "undo_up" and c.lr_scale == 1.0
+    # a state saved before the field existed loads and undoes as before (one move back)
+    c = rl()
+    run(c, [(4.5, -0.12), (4.0, -0.12)])
+    state = c.state_dict()
+    del state["policy"]["moved_from"]
+    c2 = rl()
+    c2.load_state_dict(state)
+    d = c2.step(ctl.Observation(tokens=c.spent + INTERVAL * TPS, eval_loss=4.3, progress=0.1, hypergradient=-0.12))
+    assert d.action == "undo_up" and c2.lr_scale == pytest.approx(10**ctl.FIRST_UP_MAX)
 
 
 def test_the_safety_net_rolls_back_once_and_judges_a_move_by_the_loss_before_it():
