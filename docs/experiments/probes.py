@@ -3,6 +3,7 @@ as JSON in results/. Usage:
 
     python probes.py grid TASK LR SEED        # a whole warmup + cosine run; raw and cooled evals early on
     python probes.py switch TASK LR_A LR_B T0 # LR_A for T0 steps, then LR_B from those weights
+    python probes.py damage TASK LR_HIGH LR SEED  # LR_HIGH for 20 steps, then LR with AdamW's state kept / reset
     python probes.py trials TASK SEED         # short trials of 9 lrs from the same initial weights and batches
     python probes.py hypergradient TASK SEED  # per-step hypergradient and gradient alignment for 9 lrs
     python probes.py midrun TASK LR VARIANT SEED   # VARIANT: base, batch2x, beta2 (from half the budget)
@@ -47,6 +48,24 @@ def switch(task, lr_a, lr_b, t0):
     for t in range(r.budget):
         r.train(1, float(lr_a) if t < int(t0) else float(lr_b))
     save(f"switch_{task}_{float(lr_a):g}_{float(lr_b):g}_{t0}", {"final64": r.evaluate(64)})
+
+
+def damage(task, lr_high, lr, seed):
+    """LR_HIGH for 20 steps from the initial weights, then LR: with AdamW's state kept, with it reset, and LR from the
+    initial weights (the reference); eval loss every 20 steps to 120. Is a too-high start's damage in the weights or
+    in the optimizer's moments?"""
+    out = {}
+    for variant in ("init", "keep", "reset"):
+        r = Run(task, int(seed))
+        if variant != "init":
+            r.train(20, float(lr_high))
+            if variant == "reset":
+                r.opt = torch.optim.AdamW(r.model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+        out[variant] = {}
+        while r.model_steps < 120:
+            r.train(20, float(lr))
+            out[variant][r.model_steps] = r.evaluate()
+    save(f"damage_{task}_{float(lr_high):g}_{float(lr):g}_{seed}", out)
 
 
 def trials(task, seed):
@@ -155,6 +174,7 @@ if __name__ == "__main__":
     {
         "grid": grid,
         "switch": switch,
+        "damage": damage,
         "trials": trials,
         "hypergradient": hypergradient,
         "midrun": midrun,
