@@ -177,7 +177,7 @@ class Decision:
 # ---------------------------------------------------------------- EDIT HERE: tuning numbers
 SEARCH_BUDGET = 0.10  # default share of the token budget the rl search may discard (Controller(search_budget=))
 SPIKE = 0.25  # safety: an eval loss this far above the best rolls back (if a slot is kept) ...
-SAFETY_LR_FACTOR = 0.5  # ... and multiplies the lr by this
+SAFETY_LR_FACTOR = 0.5  # ... and multiplies the lr by this (after a move up: no higher than an undo's lr)
 BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 # rl search, read from the hypergradient h (Observation.hypergradient, over each segment's second half):
 #   1. after the first segment, h > 0 (too high even by the greedy measure, which this early favours high lrs)
@@ -243,6 +243,10 @@ class Off:
 
     def decide(self, ctl, obs, reward, nonfinite):
         return Decision(ctl.lr_scale, ctl.grad_accum, phase="off")
+
+    def punished(self, scale):
+        """The lr scale after the safety net rolled back a move up that the loss punished (scale: the halved one)."""
+        return scale
 
     def state_dict(self):
         return dict(vars(self))
@@ -371,14 +375,19 @@ class RL(Off):
         the three benchmark tasks the loss fell after every one of 195 moves up; on plain-loop MLPs the step past the
         climb's end was punished at the best lr, and going back to the lr of the move before it took rl from +1.5%
         and +5.9% above off to +0.0% and +0.9% (docs/experiments/README.md)."""
-        old = min(old, self.moved_from[0] or old)
-        self.climb_off, ctl.lr_scale = True, old
+        old = ctl.lr_scale = self.punished(old)
         back = ctl.room(obs.tokens, 0, ctl.slot_kept["best"])
         if self.phase != "online":
             return self._commit(ctl, action="undo_up", load="best" if back else "", measure=False)
         return Decision(
             old, ctl.grad_accum, action="undo_up", load="best" if back else "", drop=("best",), phase="online"
         )
+
+    def punished(self, scale):
+        """A move up that the loss punished (an undo, or a spike the safety net rolled back): no more moves up (a
+        direction that lost), and an lr no higher than the one from before the move before it."""
+        self.climb_off = True
+        return min(scale, self.moved_from[0] or scale)
 
     # ------------------------------------------------------------ search by the hypergradient
     def _gradient_search(self, ctl, obs, nonfinite):
@@ -440,7 +449,7 @@ class RL(Off):
         """2-3: up from the live weights while the hypergradient says too low, one step per segment; one step past
         the point where it stops saying so (not from a loaded slot: a trial's weights were not climbing)."""
         drop = tuple(dict.fromkeys((*drop, *(("best",) if "best" in ctl.slot_kept else ()))))
-        too_low = reads_too_low(h)
+        too_low = reads_too_low(h) and not self.climb_off  # (a move up that the loss punished ends the climb)
         climbed, self.climbed_to = self.climbed_to == ctl.lr_scale, None
         if too_low or (climbed and not load):
             old = ctl.lr_scale
@@ -650,6 +659,8 @@ class Controller:
             self.since_best += 1
         if self.policy.guarded and fault:
             self.lr_scale = self.clip(self.lr_scale * SAFETY_LR_FACTOR)
+            if spike:  # a move up punished harder than an undo: its lr goes back at least as far
+                self.lr_scale = self.policy.punished(self.lr_scale)
             load = "best" if "best" in self.slot_loss else ""  # once: the slot is freed (a fault that persists, such as
             # a bad batch, would otherwise bring the same weights and batches back for ever)
             d = Decision(

@@ -158,12 +158,15 @@ def test_too_low_start_moves_up_without_a_rollback():
 
 
 def test_a_step_past_the_climb_that_the_next_evaluation_punishes_is_undone():
-    """The step past the end of the climb is a guess: a spike after it rolls back to the weights from before it."""
+    """The step past the end of the climb is a guess: a spike after it rolls back to the weights from before it, at
+    half the spiked lr but no higher than an undo's (the lr from before the move before it: the readings ran high),
+    and the climb is over (no more moves up, however low the readings)."""
     c = rl()
-    decisions, *_ = run(c, [(4.5, -0.12), (3.0, -0.01), (3.0 * 1.5, 0.02)])
+    decisions, *_ = run(c, [(4.5, -0.12), (3.0, -0.01), (3.0 * 1.5, 0.02), (3.0, -0.1), (2.9, -0.1)])
     assert decisions[1].action.startswith("past_x") and decisions[1].save == "best"
     assert decisions[2].action == "rollback" and decisions[2].load == "best"
-    assert c.lr_scale == pytest.approx(10 ** (ctl.FIRST_UP_MAX + ctl.PAST_STEP) * ctl.SAFETY_LR_FACTOR)
+    assert [d.action for d in decisions[3:]] == ["commit", "keep"] and not decisions[4].measure
+    assert 1.0 == c.lr_scale < 10 ** (ctl.FIRST_UP_MAX + ctl.PAST_STEP) * ctl.SAFETY_LR_FACTOR
 
 
 def test_a_move_up_after_which_the_loss_rises_is_undone_and_the_climb_ends():
@@ -205,6 +208,11 @@ def test_a_punished_step_past_goes_back_to_the_lr_before_the_last_move_up():
     c = rl()
     decisions, *_ = run(c, [(4.5, -0.12), (4.8, -0.12)])
     assert decisions[1].action == "undo_up" and c.lr_scale == 1.0
+    # online too, and the decision carries the lr the controller holds
+    c = rl()
+    decisions, *_ = run(c, [(3.3, -0.01), (3.0, -0.05), (2.8, -0.05), (3.1, -0.05)])
+    assert [d.action[:4] for d in decisions] == ["comm", "up_x", "up_x", "undo"]
+    assert decisions[3].lr_scale == c.lr_scale == 1.0 and decisions[3].phase == "online"
     # a state saved before the field existed loads and undoes as before (one move back)
     c = rl()
     run(c, [(4.5, -0.12), (4.0, -0.12)])
