@@ -879,17 +879,15 @@ class Slots:
             if table[name]["same_as_checkpoint"]:
                 continue
             wid, earlier = self.written.get(name, (None, None))
-            if wid == meta["weights_id"] and earlier in checkpoints.values():
-                src = os.path.join(earlier, "controller_slots", name)
-            elif self.where is not None:
+            linked = wid == meta["weights_id"] and earlier in checkpoints.values()
+            src = os.path.join(earlier, "controller_slots", name) if linked else os.path.join(self.root, name)
+            if self.where is not None:  # this rank's copy: linked from the earlier checkpoint, else written
                 os.makedirs(os.path.join(dest, name), exist_ok=True)
-                torch.save(self.mem[name], os.path.join(dest, name, f"rank_{rank}.pt"))
-                continue
-            else:
-                src = os.path.join(self.root, name)
-            if self.where is not None:
-                os.makedirs(os.path.join(dest, name), exist_ok=True)
-                os.link(os.path.join(src, f"rank_{rank}.pt"), os.path.join(dest, name, f"rank_{rank}.pt"))
+                out = os.path.join(dest, name, f"rank_{rank}.pt")
+                if linked:
+                    os.link(os.path.join(src, f"rank_{rank}.pt"), out)
+                else:
+                    torch.save(self.mem[name], out)
             elif self.acc.is_main_process:  # DeepSpeed's files, written once: link them
                 shutil.copytree(src, os.path.join(dest, name), copy_function=os.link)
         return table
