@@ -206,8 +206,7 @@ LOW_H = 0.015
 UP_GAIN, FIRST_UP_MAX, UP_MAX = 10.0, 0.25, 0.5
 PAST_STEP = 0.25  # decades up past the point where a climb ends
 UNDO_RISE = 0.05  # a move up after which the eval loss rose this much (relative) is undone, and the climb ends;
-# the lr goes TRIAL_DOWN below the punished one (as for a start suspected too high), no lower than the climb's start
-# when an earlier move up from there was not punished, and no higher than before the previous move up
+# the lr goes back to where it was before the previous move up too (the readings that took it up ran high)
 ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
 # without gradient statistics: trials of an lr from one saved point, on identical batches, each ended by a short
 # cooldown and compared by the cooled eval loss (a cooldown removes the noise a too-high lr hides behind)
@@ -245,9 +244,8 @@ class Off:
     def decide(self, ctl, obs, reward, nonfinite):
         return Decision(ctl.lr_scale, ctl.grad_accum, phase="off")
 
-    def punished(self, scale, at):
-        """The lr scale after the safety net rolled back a move up to `at` that the loss punished (scale: the
-        halved one)."""
+    def punished(self, scale):
+        """The lr scale after the safety net rolled back a move up that the loss punished (scale: the halved one)."""
         return scale
 
     def state_dict(self):
@@ -317,7 +315,6 @@ class RL(Off):
         self.move = None  # (from, to): the last move up, its verdict pending (slot "best" holds the weights at "from")
         self.moved_from = [None, None]  # the lr scale before the previous move up and before the last one
         self.climb_off = False  # a move up was punished: no more moves up
-        self.climb_from = None  # the lr scale the climb started from, once known not to be too high (_trusted_start)
         self.first, self.trial, self.trial_scale = None, None, None
         self.trials, self.segment = [], "trial"  # the trial search's state
         self.direction_pref, self.last_direction = [0.0, 0.0], None  # its logits of [down, up]
@@ -372,13 +369,13 @@ class RL(Off):
     def _undo(self, ctl, obs, old):
         """A move up after which the eval loss rose more than UNDO_RISE above the one before it (the move's reward
         is clearly negative; smaller rises are what an evaluation on a plateau moves by): back to the weights from
-        before it, when the search budget allows discarding the segment, at the lr punished() gives (the readings that
-        took the climb up have just been shown to run high on this task: where they turn is above the best lr, not
-        below it as on the language models); no more moves up (a direction that lost). On the three benchmark tasks
-        the loss fell after every one of 195 moves up; on plain-loop MLPs the step past the climb's end was punished
-        at the best lr (rl went from +1.5% and +5.9% above off to -0.1% and +0.3%), and with SGD the first move up
-        from 10 lr* (+13.1% -> +1.2% above L*; docs/experiments/README.md)."""
-        old = ctl.lr_scale = ctl.clip(self.punished(old, ctl.lr_scale))
+        before it, when the search budget allows discarding the segment, and to the lr from before the previous move
+        up (the readings that took the climb up have just been shown to run high on this task: where they turn is
+        above the best lr, not below it as on the language models); no more moves up (a direction that lost). On
+        the three benchmark tasks the loss fell after every one of 195 moves up; on plain-loop MLPs the step past the
+        climb's end was punished at the best lr, and going back to the lr of the move before it took rl from +1.5%
+        and +5.9% above off to +0.0% and +0.9% (docs/experiments/README.md)."""
+        old = ctl.lr_scale = self.punished(old)
         back = ctl.room(obs.tokens, 0, ctl.slot_kept["best"])
         if self.phase != "online":
             return self._commit(ctl, action="undo_up", load="best" if back else "", measure=False)
@@ -386,26 +383,11 @@ class RL(Off):
             old, ctl.grad_accum, action="undo_up", load="best" if back else "", drop=("best",), phase="online"
         )
 
-    def punished(self, scale, at):
-        """A move up to lr scale `at` that the loss punished (an undo, or a spike the safety net rolled back; scale:
-        the lr the caller would go back to): no more moves up (a direction that lost), and the lr the controller gives
-        a too-high one, TRIAL_DOWN below it, bounded by what the climb showed: no lower than the lr the climb started
-        from once it is known not to be too high (_trusted_start), and no higher than the lr from before the move
-        before the punished one. A move up on the first reading that is punished puts the start under suspicion too:
-        only the decade down applies (plain-loop SGD read "too low" at 10 lr*, docs/experiments/README.md)."""
+    def punished(self, scale):
+        """A move up that the loss punished (an undo, or a spike the safety net rolled back): no more moves up (a
+        direction that lost), and an lr no higher than the one from before the move before it."""
         self.climb_off = True
-        down = at * 10**-TRIAL_DOWN
-        if self.climb_from is not None:
-            down = max(self.climb_from, down)
-        if self.moved_from[0] is not None:
-            down = min(self.moved_from[0], down)
-        return min(scale, down)
-
-    def _trusted_start(self, old):
-        """At a move up from lr scale `old` (moved_from updated): the lr the climb started from, once it is known not
-        to be too high: a move up from it was not punished (this is the second move), or it trained past the first
-        reading (which reads too low even at the best lr on some tasks) before its first move. Else None."""
-        return self.moved_from[0] if self.moved_from[0] is not None else (old if self.history >= 2 else None)
+        return min(scale, self.moved_from[0] or scale)
 
     # ------------------------------------------------------------ search by the hypergradient
     def _gradient_search(self, ctl, obs, nonfinite):
@@ -476,7 +458,6 @@ class RL(Off):
                 self.climbed_to = ctl.lr_scale if too_low else None
                 self.move = None if load else (old, ctl.lr_scale)
                 self.moved_from = [self.moved_from[1], old]
-                self.climb_from = self.climb_from or self._trusted_start(old)
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
@@ -505,7 +486,6 @@ class RL(Off):
             if ctl.lr_scale != old:
                 self.move = (old, ctl.lr_scale)
                 self.moved_from = [self.moved_from[1], old]
-                self.climb_from = self.climb_from or self._trusted_start(old)
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
@@ -678,9 +658,9 @@ class Controller:
         else:
             self.since_best += 1
         if self.policy.guarded and fault:
-            at, self.lr_scale = self.lr_scale, self.clip(self.lr_scale * SAFETY_LR_FACTOR)
+            self.lr_scale = self.clip(self.lr_scale * SAFETY_LR_FACTOR)
             if spike:  # a move up punished harder than an undo: its lr goes back at least as far
-                self.lr_scale = self.clip(self.policy.punished(self.lr_scale, at))
+                self.lr_scale = self.policy.punished(self.lr_scale)
             load = "best" if "best" in self.slot_loss else ""  # once: the slot is freed (a fault that persists, such as
             # a bad batch, would otherwise bring the same weights and batches back for ever)
             d = Decision(

@@ -1,6 +1,6 @@
 """The README's snippet, executed as written, in a plain PyTorch loop on a small regression network (no Accelerate,
 no DeepSpeed, a loss near 0): the controller at the best lr ends where the loop alone does, and rescues a start
-30x too low and one 10x too high; and on an SGD classifier whose readings say too low at 10x the best lr.
+30x too low and one 10x too high.
 
 Run: python -m pytest -q tests/test_plain_loop.py      (about 30 seconds)
 """
@@ -8,7 +8,6 @@ Run: python -m pytest -q tests/test_plain_loop.py      (about 30 seconds)
 import math
 import os
 import re
-import sys
 
 import pytest
 import torch
@@ -73,19 +72,6 @@ def test_a_start_30x_too_low_is_rescued(off):
 def test_a_start_10x_too_high_is_rescued(off):
     loss, spent = run(BEST_LR * 10, "rl")
     assert loss < off[BEST_LR * 10] / 5 and spent <= 1000 * 1.1, (loss, off)
-
-
-def test_sgd_whose_readings_say_too_low_at_10x_the_best_lr_is_rescued():
-    """A classifier trained with SGD + momentum (`docs/experiments/plain_tasks.py mlp_sgd`, best lr 3e-2): at 10x the
-    best lr the first hypergradient reads too low (-0.23), the first move up is punished by the loss, and the
-    controller goes a decade below the punished lr (a move on the first reading puts the start under suspicion
-    too). Before, it went back to the start and ended where the loop alone does (+13% above the best run)."""
-    sys.path.insert(0, os.path.join(ROOT, "docs", "experiments"))
-    import plain_tasks
-
-    off_loss, _ = plain_tasks.run("mlp_sgd", 0.3, "off", 0, 1000)
-    loss, cost = plain_tasks.run("mlp_sgd", 0.3, "rl", 0, 1000)
-    assert loss < off_loss * 0.95 and cost <= 1.1, (loss, off_loss, cost)
 
 
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW])
