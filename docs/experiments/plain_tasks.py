@@ -29,6 +29,22 @@ def snippet():
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
+def supervised(model, sgd, loss_fn, x, y, xv, yv, bs):
+    """A classifier or a regressor: Adam, or SGD + momentum 0.9; batches in order; the whole validation set."""
+    params = model.parameters()
+    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9) if sgd else torch.optim.Adam(params, lr=1e-3)
+
+    def batch(pos):
+        i = torch.arange(pos * bs, (pos + 1) * bs) % x.shape[0]
+        return model(x[i]), y[i]
+
+    def evaluate():
+        with torch.no_grad():
+            return loss_fn(model(xv), yv).item()
+
+    return model, opt, batch, evaluate, loss_fn, bs
+
+
 def make(task, seed):
     g = torch.Generator().manual_seed(1234)  # the data: fixed across seeds
     torch.manual_seed(seed)
@@ -39,8 +55,7 @@ def make(task, seed):
             y = torch.randint(0, 10, (n,), generator=g)
             return centers[y] + torch.randn(n, 32, generator=g), y
 
-        x, y = draw(16384)
-        xv, yv = draw(2048)
+        (x, y), (xv, yv) = draw(16384), draw(2048)
         model = torch.nn.Sequential(
             torch.nn.Linear(32, 128),
             torch.nn.ReLU(),
@@ -48,49 +63,16 @@ def make(task, seed):
             torch.nn.ReLU(),
             torch.nn.Linear(128, 10),
         )
-        loss_fn = torch.nn.functional.cross_entropy
-        opt = (
-            torch.optim.Adam(model.parameters(), lr=1e-3)
-            if task == "mlp_adam"
-            else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-        )
-        bs = 64
-
-        def batch(pos):
-            i = torch.arange(pos * bs, (pos + 1) * bs) % x.shape[0]
-            return model(x[i]), y[i]
-
-        def evaluate():
-            with torch.no_grad():
-                return loss_fn(model(xv), yv).item()
-
-        return model, opt, batch, evaluate, loss_fn, bs
+        return supervised(model, task.endswith("sgd"), torch.nn.functional.cross_entropy, x, y, xv, yv, 64)
     if task in ("reg_adam", "reg_sgd"):  # the regression network of tests/test_plain_loop.py (a plateau near 0.5)
         g = torch.Generator().manual_seed(0)  # the test's data at seed 0 (data 1234 leave no lr off the plateau)
         x, w = torch.randn(4096, 16, generator=g), torch.randn(16, 1, generator=g)
         y = torch.sin(x @ w) + 0.1 * torch.randn(4096, 1, generator=g)
         xv = torch.randn(1024, 16, generator=g)
-        yv = torch.sin(xv @ w)
         model = torch.nn.Sequential(
             torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
         )
-        loss_fn = torch.nn.functional.mse_loss
-        opt = (
-            torch.optim.Adam(model.parameters(), lr=1e-3)
-            if task == "reg_adam"
-            else torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-        )
-        bs = 32
-
-        def batch(pos):
-            i = torch.arange(pos * bs, (pos + 1) * bs) % x.shape[0]
-            return model(x[i]), y[i]
-
-        def evaluate():
-            with torch.no_grad():
-                return loss_fn(model(xv), yv).item()
-
-        return model, opt, batch, evaluate, loss_fn, bs
+        return supervised(model, task.endswith("sgd"), torch.nn.functional.mse_loss, x, y, xv, torch.sin(xv @ w), 32)
     # lstm: a synthetic grammar of nested brackets and words
     V, T = 16, 64
 
