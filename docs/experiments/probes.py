@@ -59,8 +59,8 @@ def damage(task, lr_high, lr, seed):
         r = Run(task, int(seed))
         if variant != "init":
             r.train(20, float(lr_high))
-            if variant == "reset":
-                r.opt = torch.optim.AdamW(r.model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+            if variant == "reset":  # AdamW's moments and step count; the next step starts them afresh
+                r.opt.state.clear()
         out[variant] = {}
         while r.model_steps < 120:
             r.train(20, float(lr))
