@@ -27,6 +27,8 @@ TINY = [
     "n_layer=1,n_embd=32,n_head=2",
     "--sample_tokens",
     "8",
+    "--final_eval_batches",  # the whole validation split takes longer than the run; test_train covers it
+    "8",
 ]
 
 
