@@ -29,13 +29,16 @@ TINY = [
     "8",
     "--final_eval_batches",  # the whole validation split takes longer than the run; test_train covers it
     "8",
+    "--cpu_threads",  # one torch thread per process: tests run side by side (pytest -n 2)
+    "1",
 ]
+PORT = ["--main_process_port", "0"]  # several processes: a free port, not 29500 (tests run side by side)
 
 
 def launch(args, processes=1, config=None, check=True):
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     cmd += ["--config_file", os.path.join(ROOT, config)] if config else []
-    cmd += ["--num_processes", str(processes), os.path.join(ROOT, "train.py"), *args]
+    cmd += ["--num_processes", str(processes), *PORT * (processes > 1), os.path.join(ROOT, "train.py"), *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     if check and p.returncode != 0:

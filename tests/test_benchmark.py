@@ -1,7 +1,7 @@
 """benchmark.py --quick end to end: the sweep, the good and a bad start, rl (both search budgets), two peers,
 the table with seeds and paired differences, and the plots.
 
-Run: python -m pytest -q tests/test_benchmark.py      (about 3-4 minutes on 2 CPU cores)
+Run: python -m pytest -q tests/test_benchmark.py      (about 3-5 minutes on 2 CPU cores)
 """
 
 import json

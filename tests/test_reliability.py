@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT, TINY, launch, results, rows
+from helpers import PORT, ROOT, TINY, launch, results, rows
 
 sys.path.insert(0, ROOT)
 import train
@@ -312,7 +312,7 @@ def test_lr_range_test_then_rl_starts_from_the_suggestion_and_a_resume_keeps_it(
 def fault_launch(tmp_path, env, extra, processes=1, check=True):
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-    cmd += ["--config_file", os.path.join(ROOT, "accelerate_config.yaml")] if processes > 1 else []
+    cmd += ["--config_file", os.path.join(ROOT, "accelerate_config.yaml"), *PORT] if processes > 1 else []
     cmd += [os.path.join(ROOT, "tests", "faulty_run.py"), *TINY, "--output_dir", out, *extra]
     p = subprocess.run(
         cmd, cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=600, check=False

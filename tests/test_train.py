@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TINY, launch, results, rows
+from helpers import PORT, ROOT, TINY, launch, results, rows
 
 ROW_KEYS = {
     "step",
@@ -211,6 +211,19 @@ def test_local_model_directory_and_json_files(tmp_path):
     assert "controller/action" not in rows(out)[0]
 
 
+def test_byte_ids_are_the_tokenizers_own():
+    """train.py computes the default tokenizer's (ByT5's) ids from the UTF-8 bytes, and leaves a text that holds a
+    special token's string to the tokenizer: the ids are the tokenizer's own either way."""
+    sys.path.insert(0, ROOT)
+    from transformers import ByT5Tokenizer
+
+    import train
+
+    tok = ByT5Tokenizer()
+    texts = ["Ophélie 🌍 ends", "a</s>b<pad>c<extra_id_7>d", "\x00\x7f <unk", "".join(map(chr, range(1, 3000)))]
+    assert [list(map(int, ids)) for ids in train.encode(tok, texts)] == tok(texts)["input_ids"]
+
+
 def test_accumulation_change_keeps_the_gradient_scale():
     """set_grad_accum changes DeepSpeed and Accelerate together: the gradient after a change from 1 to 2
     is the mean over 2 micro-batches x 2 processes, as if accumulation 2 had been used from the start."""
@@ -222,6 +235,7 @@ def test_accumulation_change_keeps_the_gradient_scale():
         os.path.join(ROOT, "accelerate_config.yaml"),
         "--num_processes",
         "2",
+        *PORT,
         os.path.join(ROOT, "tests", "accum_check.py"),
     ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
