@@ -32,13 +32,19 @@ TINY = [
     "--cpu_threads",  # one torch thread per process: tests run side by side (pytest -n 2)
     "1",
 ]
-PORT = ["--main_process_port", "0"]  # several processes: a free port, not 29500 (tests run side by side)
+
+
+def launch_cmd(script, processes=1, config=None):
+    """`accelerate launch` of a script of this repository; several processes take a free port, not 29500 (the tests
+    run side by side)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    cmd += ["--config_file", os.path.join(ROOT, config)] if config else []
+    cmd += ["--main_process_port", "0"] if processes > 1 else []
+    return cmd + [os.path.join(ROOT, script)]
 
 
 def launch(args, processes=1, config=None, check=True):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd += ["--config_file", os.path.join(ROOT, config)] if config else []
-    cmd += ["--num_processes", str(processes), *PORT * (processes > 1), os.path.join(ROOT, "train.py"), *args]
+    cmd = launch_cmd("train.py", processes, config) + args
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     if check and p.returncode != 0:

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import PORT, ROOT, TINY, launch, results, rows
+from helpers import ROOT, TINY, launch, launch_cmd, results, rows
 
 sys.path.insert(0, ROOT)
 import train
@@ -311,9 +311,8 @@ def test_lr_range_test_then_rl_starts_from_the_suggestion_and_a_resume_keeps_it(
 # ---------------------------------------------------------------- non-finite losses never reach the weights
 def fault_launch(tmp_path, env, extra, processes=1, check=True):
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
-    cmd += ["--config_file", os.path.join(ROOT, "accelerate_config.yaml"), *PORT] if processes > 1 else []
-    cmd += [os.path.join(ROOT, "tests", "faulty_run.py"), *TINY, "--output_dir", out, *extra]
+    config = "accelerate_config.yaml" if processes > 1 else None
+    cmd = launch_cmd("tests/faulty_run.py", processes, config) + [*TINY, "--output_dir", out, *extra]
     p = subprocess.run(
         cmd, cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=600, check=False
     )
@@ -415,18 +414,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, text_fil
     out = str(tmp_path / "killed")
     # kill 1: while step_8 is being written (its .tmp exists); kill 2: right after step_16 is complete
     for wait_for in ("step_8.tmp", "step_16"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--num_processes",
-            "1",
-            os.path.join(ROOT, "train.py"),
-            *common,
-            "--output_dir",
-            out,
-            "--overwrite_output_dir",
-        ]
+        cmd = launch_cmd("train.py") + [*common, "--output_dir", out, "--overwrite_output_dir"]
         if os.path.isdir(os.path.join(out, "step_4")) or os.path.isdir(os.path.join(out, "step_8")):
             cmd[cmd.index("--overwrite_output_dir")] = "--resume_from_checkpoint=latest"
         proc = subprocess.Popen(

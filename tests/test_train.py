@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import PORT, ROOT, TINY, launch, results, rows
+from helpers import ROOT, TINY, launch, launch_cmd, results, rows
 
 ROW_KEYS = {
     "step",
@@ -227,17 +227,7 @@ def test_byte_ids_are_the_tokenizers_own():
 def test_accumulation_change_keeps_the_gradient_scale():
     """set_grad_accum changes DeepSpeed and Accelerate together: the gradient after a change from 1 to 2
     is the mean over 2 micro-batches x 2 processes, as if accumulation 2 had been used from the start."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(ROOT, "accelerate_config.yaml"),
-        "--num_processes",
-        "2",
-        *PORT,
-        os.path.join(ROOT, "tests", "accum_check.py"),
-    ]
+    cmd = launch_cmd("tests/accum_check.py", 2, "accelerate_config.yaml")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0 and "ACCUM OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
 
