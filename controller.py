@@ -11,8 +11,9 @@ shows one). The loop runs one segment of optimizer steps at a time, evaluates, a
     d = ctrl.step(Observation(tokens=tokens_spent, eval_loss=val_loss, progress=kept_tokens / budget,
                               hypergradient=h))      # h over the segment's second half when d.measure, else None
 
-and applies each decision's slots: d.save (weights + optimizer state + data position under a name), then d.load
-(a rollback to a slot), then d.drop (free the slots no longer needed).
+until kept_tokens reaches ctrl.history_budget() (the budget, less what a restart discarded beyond the search budget;
+schedule() ends there too), and applies each decision's slots: d.save (weights + optimizer state + data position
+under a name), then d.load (a rollback to a slot), then d.drop (free the slots no longer needed).
 
 The design's loop (state -> action -> reward -> policy update, once per segment):
   state   eval loss, progress, the hypergradient (is a larger lr better right now?), the trials so far
@@ -185,7 +186,9 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      compared with the first segment after a cooldown each (the short horizon favours the higher lr, so a lower
 #      lr that wins is trusted). Two too-high lrs are stuck on the same early plateau, so a down trial that ties with
 #      the first (within BOTH_HIGH_TIE) means both are too high: another TRIAL_DOWN down, from the initial weights
-#      if the search budget allows discarding the trial too (a longer run), else on from the lower one's weights.
+#      (both lrs leave damage that a lower lr does not undo within the run). That discards the first segment too:
+#      up to one trial segment more than the search budget; the loop takes the excess off the end of the run
+#      (Controller.history_budget), so the run never costs more than 1 + search_budget budgets.
 #      A trial that loses but reads too low (h < -LOW_H) puts the best lr between the two: its weights go on and
 #      climb (2.) (the comparison favours the higher lr; a too-low lr does no damage).
 #      The first segment and the trial are sized so that one trial and its two cooldowns fit the search budget (at
@@ -425,17 +428,15 @@ class RL(Off):
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
                 win["slot"],
             )
-            if both_high:  # another decade down: from the initial weights when the budget allows discarding the
-                # trial too (a too-high lr's damage lasts), else on from the lower one's weights
+            if both_high:  # another decade down, from the initial weights: a fresh history, whose first reading is
+                # capped as a first one and whose losses are a new best
                 ctl.lr_scale = ctl.clip(win["scale"] * 10**-TRIAL_DOWN)
-                restart = "init" in ctl.slot_kept and ctl.room(obs.tokens, 0, ctl.slot_kept["init"])
-                if restart:  # a fresh history: its first reading is capped as a first one, its losses a new best
-                    self.history, ctl.best = 0, math.inf
+                self.history, ctl.best = 0, math.inf
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
-                    action=f"pick_x{win['scale']:.3g}_then_down" + ("_from_init" if restart else ""),
-                    load="init" if restart else win["slot"],
+                    action=f"pick_x{win['scale']:.3g}_then_down_from_init",
+                    load="init",
                     drop=drop,
                     measure=True,
                     phase="search",
@@ -705,6 +706,13 @@ class Controller:
         if self.budget_tokens is None:
             return False
         return spent + extra - kept_after <= self.search_budget * self.budget_tokens + 1e-9
+
+    def history_budget(self):
+        """The tokens the final weights' history may hold: budget_tokens, less what the search discarded beyond
+        search_budget (only a restart after a tie does: by at most one trial segment), so that the run never spends
+        more than (1 + search_budget) * budget_tokens. A loop stops there and ends its schedule there."""
+        over = self.spent - self.kept - self.search_budget * self.budget_tokens
+        return self.budget_tokens - max(0, over) if self.budget_tokens else self.budget_tokens
 
     def clip(self, scale):
         return min(self.scale_hi, max(self.scale_lo, scale))

@@ -578,6 +578,7 @@ class TrainState:
 
     budget: int  # tokens the final weights' history will hold (discarded segments are on top, or inside with
     search_in_budget: bool  # --search_in_budget)
+    search_budget: float  # --search_budget: on top, what the search discards beyond it comes off the history
     grad_accum: int  # micro-batches per optimizer step now (the controller may change it)
     learning_rate: float  # the base lr: --learning_rate, or what the lr range test suggested
     signature: dict  # what a checkpoint must share with the run that resumes it
@@ -597,8 +598,11 @@ class TrainState:
 
     @property
     def end(self):
-        """model_tokens at which training stops: with --search_in_budget, discarded tokens count in the budget."""
-        return self.budget - (self.tokens_spent - self.model_tokens if self.search_in_budget else 0)
+        """model_tokens at which training stops: with --search_in_budget, discarded tokens count in the budget; else
+        those beyond --search_budget do (a restart after a tie), so a run never costs more than 1 + search_budget."""
+        discarded = self.tokens_spent - self.model_tokens
+        over = discarded if self.search_in_budget else math.ceil(discarded - self.search_budget * self.budget)
+        return self.budget - max(0, over)
 
 
 def checkpoint_dir(output_dir, step):
@@ -1177,7 +1181,7 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
         factor = schedule(args.lr_scheduler_type, state.model_tokens, warmup_tokens, state.end)
         lr = state.learning_rate * factor * d.lr_at(state.segment_done, n)
         # ---- forward/backward over the micro-batches, the update, the non-finite verdict
-        gas = min(state.grad_accum, (state.end - state.model_tokens) // micro_tokens)  # the last step fits
+        gas = min(state.grad_accum, math.ceil((state.end - state.model_tokens) / micro_tokens))  # the last step
         t_step = time.time()
         step_loss, nonfinite = optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_tokens)
         dt = time.time() - t_step
@@ -1494,7 +1498,8 @@ def main(argv=None):
     gas = args.gradient_accumulation_steps
     micro_tokens = args.per_device_train_batch_size * args.block_size * accelerator.num_processes  # all ranks
     steps = args.max_train_steps or args.num_train_epochs * len(train_dl) // gas
-    state = TrainState(steps * gas * micro_tokens, args.search_in_budget, gas, args.learning_rate, run_signature(args))
+    budget = steps * gas * micro_tokens
+    state = TrainState(budget, args.search_in_budget, args.search_budget, gas, args.learning_rate, run_signature(args))
     slots = Slots(accelerator, model, os.path.join(args.output_dir, "controller_slots"), args.controller_slots, state)
     data = DataStream(accelerator, train_dl, state)
     if args.lr_find_steps and not saved:  # the controller then starts from the suggested lr

@@ -305,34 +305,29 @@ def test_a_lower_trial_that_loses_but_reads_too_low_goes_on_and_climbs():
     assert spent - kept == INTERVAL * TPS + 2 * c.cool_steps * TPS  # the first segment and the two cooldowns
     c = rl(budget_steps=250)
     decisions, *_ = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.0 * 1.005, None)])
-    assert decisions[3].action.endswith("_then_down") and c.lr_scale == pytest.approx(down**2)
+    assert decisions[3].action.endswith("_then_down_from_init") and c.lr_scale == pytest.approx(down**2)
 
 
-def test_a_down_trial_that_ties_means_both_too_high_and_goes_further_down():
-    """The start and the trial a decade below end the same after the cooldown (stuck on the same plateau): training
-    goes on from the lower one's weights, another decade down, without a second rollback (the budget has no room
-    for discarding the trial too)."""
-    c = rl(budget_steps=250)
-    decisions, *_ = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None)])
-    assert decisions[3].action.endswith("_then_down") and decisions[3].load == "trial"
-    assert c.lr_scale == pytest.approx(10 ** (-2 * ctl.TRIAL_DOWN))
-
-
-def test_both_too_high_restarts_from_the_initial_weights_when_the_budget_allows():
-    """A tie means both too high, and the trial's weights are damaged too: with room in the search budget for
-    discarding the trial as well (a longer run, or a larger --search_budget), the next lr starts from the initial
-    weights; the whole search is discarded, within the budget, and the fresh history's first move is capped as a
-    first reading's."""
-    c = rl(search_budget=0.2)
-    decisions, spent, kept = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None), (3.5, -0.2)])
+def test_a_down_trial_that_ties_means_both_too_high_and_restarts_further_down():
+    """The start and the trial a decade below end the same after the cooldown (stuck on the same plateau): both are
+    too high and both left damage, so the next lr, another decade down, starts from the initial weights; the whole
+    search is discarded and the fresh history's first move is capped as a first reading's. Where that discards
+    more than the search budget, the excess comes off the history (history_budget), so the run's cost stays at
+    most 1 + search_budget budgets."""
     down = 10**-ctl.TRIAL_DOWN
-    assert decisions[3].action == f"pick_x{down:.3g}_then_down_from_init" and decisions[3].load == "init"
-    assert not c.slot_kept or set(c.slot_kept) == {"best"}
-    assert decisions[4].action == f"up_x{10**ctl.FIRST_UP_MAX:.3g}"  # a first reading again; 3.5 is no spike
-    assert spent - kept == 2 * INTERVAL * TPS + 2 * c.cool_steps * TPS <= 0.2 * c.budget_tokens  # all of the search
-    c = rl(budget_steps=250)  # the trial fits the budget, discarding it too does not: on from its weights
-    decisions, *_ = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None)])
-    assert decisions[1].action.startswith("trial") and decisions[3].load == "trial"
+    for budget_steps, search_budget in ((400, 0.2), (250, 0.1)):  # the restart within the search budget, and beyond
+        c = rl(budget_steps=budget_steps, search_budget=search_budget)
+        decisions, spent, kept = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None), (3.5, -0.2)])
+        assert decisions[3].action == f"pick_x{down:.3g}_then_down_from_init" and decisions[3].load == "init"
+        assert c.lr_scale == pytest.approx(down**2 * 10**ctl.FIRST_UP_MAX)
+        assert not c.slot_kept or set(c.slot_kept) == {"best"}
+        assert decisions[4].action == f"up_x{10**ctl.FIRST_UP_MAX:.3g}"  # a first reading again; 3.5 is no spike
+        discarded = 2 * INTERVAL * TPS + 2 * c.cool_steps * TPS  # all of the search, and the first move's segment
+        assert spent - kept == discarded
+        allowed = search_budget * c.budget_tokens
+        assert c.history_budget() == pytest.approx(c.budget_tokens - max(0, discarded - allowed))
+        assert c.history_budget() + spent - kept <= (1 + search_budget) * c.budget_tokens + 1e-6
+    assert c.history_budget() < c.budget_tokens  # (250 steps: 28 discarded, 25 allowed)
 
 
 def test_no_budget_no_trial():

@@ -224,6 +224,21 @@ def test_byte_ids_are_the_tokenizers_own():
     assert [list(map(int, ids)) for ids in train.encode(tok, texts)] == tok(texts)["input_ids"]
 
 
+def test_a_run_never_costs_more_than_one_plus_the_search_budget():
+    """The history's end: the budget; less the discarded tokens with --search_in_budget; else less those beyond
+    --search_budget (a restart after a tie discards the first segment too), so a run spends at most 1.10x."""
+    sys.path.insert(0, ROOT)
+    import train
+
+    s = train.TrainState(1000, False, 0.1, 1, 1e-3, {})
+    s.tokens_spent, s.model_tokens = 300, 200  # 100 discarded: within the search budget
+    assert s.end == 1000
+    s.tokens_spent, s.model_tokens = 340, 200  # 140 discarded: 40 beyond it
+    assert s.end == 960 and s.end + 140 == 1100
+    s.search_in_budget = True
+    assert s.end == 860
+
+
 def test_accumulation_change_keeps_the_gradient_scale():
     """set_grad_accum changes DeepSpeed and Accelerate together: the gradient after a change from 1 to 2
     is the mean over 2 micro-batches x 2 processes, as if accumulation 2 had been used from the start."""
