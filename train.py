@@ -1181,7 +1181,7 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
         factor = schedule(args.lr_scheduler_type, state.model_tokens, warmup_tokens, state.end)
         lr = state.learning_rate * factor * d.lr_at(state.segment_done, n)
         # ---- forward/backward over the micro-batches, the update, the non-finite verdict
-        gas = min(state.grad_accum, math.ceil((state.end - state.model_tokens) / micro_tokens))  # the last step
+        gas = min(state.grad_accum, math.ceil((state.end - state.model_tokens) / micro_tokens))  # last step: to the end
         t_step = time.time()
         step_loss, nonfinite = optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_tokens)
         dt = time.time() - t_step
