@@ -24,7 +24,6 @@ import math
 import os
 import resource
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -1274,10 +1273,8 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
 def make_accelerator(args, ds_config):
     """The process group (gloo on CPU), DeepSpeed from ds_config, the seed, and CPU threads."""
     # DeepSpeed needs these outside a distributed launcher (else it tries MPI discovery)
-    if "MASTER_PORT" not in os.environ:  # a free port, so single-process runs can share a machine
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    if os.environ.get("WORLD_SIZE", "1") == "1":  # port 0: the OS picks a free one when the store binds, so
+        os.environ.setdefault("MASTER_PORT", "0")  # single-process runs can share a machine without racing for it
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
     from accelerate import Accelerator, DeepSpeedPlugin
