@@ -185,10 +185,12 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      suspects a too-high lr; the suspicion is settled by one trial from the initial weights at lr x 10**-TRIAL_DOWN,
 #      compared with the first segment after a cooldown each (the short horizon favours the higher lr, so a lower
 #      lr that wins is trusted). Two too-high lrs are stuck on the same early plateau, so a down trial that ties with
-#      the first (within BOTH_HIGH_TIE) means both are too high: another TRIAL_DOWN down, from the initial weights
-#      (both lrs leave damage that a lower lr does not undo within the run). That discards the first segment too:
-#      up to one trial segment more than the search budget; the loop takes the excess off the end of the run
-#      (Controller.history_budget), so the run never costs more than 1 + search_budget budgets.
+#      the first (within BOTH_HIGH_TIE), or wins but still reads h > 0 as the first did, means both are too high:
+#      another TRIAL_DOWN down, from the initial weights (both lrs leave damage that a lower lr does not undo within
+#      the run; a decade down from 30x too high is still 3x too high, and nothing online lowers the lr). That
+#      discards the first segment too: up to one trial segment more than the search budget; the loop takes the
+#      excess off the end of the run (Controller.history_budget), so the run never costs more than 1 + search_budget
+#      budgets.
 #      A trial that loses but reads too low (h < -LOW_H) puts the best lr between the two: its weights go on and
 #      climb (2.) (the comparison favours the higher lr; a too-low lr does no damage).
 #      The first segment and the trial are sized so that one trial and its two cooldowns fit the search budget (at
@@ -421,7 +423,9 @@ class RL(Off):
             win = min((first, trial), key=lambda t: (t["cooled"], t["scale"]))
             # a lower trial that ties means both are too high; one that loses but reads too low puts the best lr between
             # the two: its weights go on and climb (the comparison favours the higher lr; a too-low lr does no damage)
-            both_high = abs(reward) <= BOTH_HIGH_TIE  # (the trial is always the lower: it runs only if clip() allows)
+            # (the trial is always the lower: it runs only if clip() allows); a lower trial that wins while it still
+            # reads too high, as the first did, is on the same side: both too high
+            both_high = abs(reward) <= BOTH_HIGH_TIE or (reward > 0 and trial["h"] is not None and trial["h"] > 0)
             low = reads_too_low(trial["h"])
             win = trial if both_high or low else win
             ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"

@@ -330,6 +330,20 @@ def test_a_down_trial_that_ties_means_both_too_high_and_restarts_further_down():
     assert c.history_budget() < c.budget_tokens  # (250 steps: 28 discarded, 25 allowed)
 
 
+def test_a_down_trial_that_wins_but_still_reads_too_high_means_both_too_high():
+    """The trial a decade down beats the start by far more than a tie, but reads h > 0 as the start did (30x too
+    high, a decade down is still 3x too high): another decade down from the initial weights, as after a tie. The
+    same trial reading h <= 0 is picked and goes on (test_too_high_start_rolls_back_and_moves_down)."""
+    down = 10**-ctl.TRIAL_DOWN
+    c = rl(search_budget=0.2)
+    decisions, _, _ = run(c, [(3.3, 0.02), (3.3, None), (2.9, 0.005), (2.8, None), (3.0, 0.0)])
+    assert decisions[3].action == f"pick_x{down:.3g}_then_down_from_init" and decisions[3].load == "init"
+    assert c.policy.phase == "online" and c.lr_scale == pytest.approx(down**2)
+    c = rl(search_budget=0.2)
+    decisions, _, _ = run(c, [(3.3, 0.02), (3.3, None), (2.9, 0.0), (2.8, None)])
+    assert decisions[3].action == f"pick_x{down:.3g}" and decisions[3].load == "trial"
+
+
 def test_no_budget_no_trial():
     """With a search budget too small for one trial and its cooldowns, a suspicion is not followed up."""
     c = rl(search_budget=0.01)

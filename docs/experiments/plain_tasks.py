@@ -1,7 +1,8 @@
 """The README's plain-PyTorch snippet, executed as written, on loops unlike the benchmark's language models:
 mlp_adam (a 10-class Gaussian-mixture classifier, an MLP, Adam), mlp_sgd (the same with SGD + momentum 0.9), lstm
 (a character LSTM on a synthetic bracket grammar, AdamW), reg_adam and reg_sgd (the regression network of
-tests/test_plain_loop.py, with Adam or SGD + momentum 0.9). The data are fixed; the seed sets the initialisation.
+tests/test_plain_loop.py, with Adam or SGD + momentum 0.9), tfm (a 2-layer causal transformer on the characters of
+Python's own `typing.py`, AdamW with weight decay 0.1). The data are fixed; the seed sets the initialisation.
 
     python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR
     python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
@@ -45,6 +46,24 @@ def supervised(model, sgd, loss_fn, x, y, xv, yv, bs):
     return model, opt, batch, evaluate, loss_fn, bs
 
 
+def sequences(model, data, val, V, T, bs, weight_decay):
+    """A next-token model on blocks of T + 1 ids: AdamW; batches of bs blocks in order; the validation blocks."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=weight_decay)
+
+    def lm_loss(logits, tgt):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
+
+    def batch(pos):
+        i = torch.arange(pos * bs, (pos + 1) * bs) % data.shape[0]
+        return model(data[i, :-1]), data[i, 1:]
+
+    def evaluate():
+        with torch.no_grad():
+            return lm_loss(model(val[:, :-1]), val[:, 1:]).item()
+
+    return model, opt, batch, evaluate, lm_loss, bs * T
+
+
 def make(task, seed):
     g = torch.Generator().manual_seed(1234)  # the data: fixed across seeds
     torch.manual_seed(seed)
@@ -73,6 +92,8 @@ def make(task, seed):
             torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
         )
         return supervised(model, task.endswith("sgd"), torch.nn.functional.mse_loss, x, y, xv, torch.sin(xv @ w), 32)
+    if task == "tfm":
+        return transformer()
     # lstm: a synthetic grammar of nested brackets and words
     V, T = 16, 64
 
@@ -105,22 +126,38 @@ def make(task, seed):
         def forward(self, s):
             return self.o(self.r(self.e(s))[0])
 
-    model = LM()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-    bs = 16
+    return sequences(LM(), data, val, V, T, 16, weight_decay=0.01)
 
-    def lm_loss(logits, tgt):
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1))
 
-    def batch(pos):
-        i = torch.arange(pos * bs, (pos + 1) * bs) % data.shape[0]
-        return model(data[i, :-1]), data[i, 1:]
+def transformer():
+    """A 2-layer causal transformer (64 wide, 4 heads, pre-norm) on the characters of this Python's typing.py
+    (the last tenth held out), AdamW (weight decay 0.1), batches of 16 x 64 characters in a fixed order."""
+    import typing
 
-    def evaluate():
-        with torch.no_grad():
-            return lm_loss(model(val[:, :-1]), val[:, 1:]).item()
+    with open(typing.__file__, encoding="utf-8") as f:
+        text = f.read()
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text])
+    T, V, bs = 64, len(chars), 16
+    blocks = ids[: (len(ids) // (T + 1)) * (T + 1)].view(-1, T + 1)
+    data, val = blocks[: len(blocks) * 9 // 10], blocks[len(blocks) * 9 // 10 :][:256]
+    g = torch.Generator().manual_seed(1234)
+    data = data[torch.randperm(len(data), generator=g)]
 
-    return model, opt, batch, evaluate, lm_loss, bs * T
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.p = torch.nn.Embedding(V, 64), torch.nn.Embedding(T, 64)
+            layer = torch.nn.TransformerEncoderLayer(64, 4, 256, dropout=0.0, batch_first=True, norm_first=True)
+            self.t = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.n, self.o = torch.nn.LayerNorm(64), torch.nn.Linear(64, V)
+            self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(T))
+
+        def forward(self, s):
+            h = self.e(s) + self.p(torch.arange(s.shape[1]))
+            return self.o(self.n(self.t(h, mask=self.mask, is_causal=True)))
+
+    return sequences(LM(), data, val, V, T, bs, weight_decay=0.1)
 
 
 def run(task, base_lr, policy, seed, steps):
