@@ -421,10 +421,10 @@ class RL(Off):
             trial["cooled"] = loss
             reward = compute_reward(first["cooled"], trial["cooled"], 1, 1)  # the trial's relative improvement
             win = min((first, trial), key=lambda t: (t["cooled"], t["scale"]))
-            # a lower trial that ties means both are too high; one that loses but reads too low puts the best lr between
-            # the two: its weights go on and climb (the comparison favours the higher lr; a too-low lr does no damage)
-            # (the trial is always the lower: it runs only if clip() allows); a lower trial that wins while it still
-            # reads too high, as the first did, is on the same side: both too high
+            # the trial is always the lower (it runs only if clip() allows): one that ties, or wins while it still reads
+            # too high as the first did, means both are too high; one that loses but reads too low puts the best lr
+            # between the two: its weights go on and climb (the comparison favours the higher lr; a too-low lr does no
+            # damage)
             both_high = abs(reward) <= BOTH_HIGH_TIE or (reward > 0 and trial["h"] is not None and trial["h"] > 0)
             low = reads_too_low(trial["h"])
             win = trial if both_high or low else win
