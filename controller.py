@@ -713,8 +713,9 @@ class Controller:
 
     def history_budget(self):
         """The tokens the final weights' history may hold: budget_tokens, less what the search discarded beyond
-        search_budget (only a restart after a tie does: by at most one trial segment), so that the run never spends
-        more than (1 + search_budget) * budget_tokens. A loop stops there and ends its schedule there."""
+        search_budget (only a restart when both lrs are too high does: by at most one trial segment), so that the
+        run never spends more than (1 + search_budget) * budget_tokens. A loop stops there and ends its schedule
+        there."""
         over = self.spent - self.kept - self.search_budget * self.budget_tokens
         return self.budget_tokens - max(0, over) if self.budget_tokens else self.budget_tokens
 

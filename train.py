@@ -598,7 +598,8 @@ class TrainState:
     @property
     def end(self):
         """model_tokens at which training stops: with --search_in_budget, discarded tokens count in the budget; else
-        those beyond --search_budget do (a restart after a tie), so a run never costs more than 1 + search_budget."""
+        those beyond --search_budget do (a restart: both lrs too high), so a run never costs more than
+        1 + search_budget budgets."""
         discarded = self.tokens_spent - self.model_tokens
         over = discarded if self.search_in_budget else math.ceil(discarded - self.search_budget * self.budget)
         return self.budget - max(0, over)
