@@ -199,7 +199,9 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      by UP_GAIN * |h| decades, at most FIRST_UP_MAX after the first reading (which reads "too low" even at the
 #      best lr on some tasks) and UP_MAX after later ones, with the weights from before the move kept as slot "best"
-#      for the safety net; nothing is discarded;
+#      for the safety net; nothing is discarded. A climb's segments are as long as the first segment (shorter than
+#      the interval in a short run, whose first segment and trial are shortened to fit the search budget: a climb of
+#      1.5 decades takes four readings, which at the interval's length took 45% of a 200-step run);
 #   3. when h no longer says too low right after a move up, one more PAST_STEP decades up (the greedy measure
 #      favours lower lrs than the best constant lr once the early plateau is over, so the point where h turns is
 #      below it), the weights from before it kept as slot "best"; commit at the next segment that does not read
@@ -466,6 +468,7 @@ class RL(Off):
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
+                    steps=ctl.trial_segment(),
                     ramp_from=old,
                     action=f"{'up' if too_low else 'past'}_x{ctl.lr_scale / old:.3g}",
                     save="" if load else "best",

@@ -283,6 +283,19 @@ def test_a_short_run_shortens_the_trial_to_fit_the_search_budget():
     assert not rl(budget_steps=100).trial_steps < INTERVAL  # not known at the start: the interval
 
 
+def test_a_short_run_climbs_in_segments_as_short_as_its_first():
+    """The same short run from a too-low lr: each move up and the step past it run for the first segment's length,
+    not the interval (a climb of four readings took 45% of a 200-step fine-tuning run at the interval's length); the
+    run after the commit goes back to the interval. A run whose first segment is the interval climbs as before."""
+    c = rl(budget_steps=100, tokens_per_step=TPS)
+    decisions, spent, kept = run(c, [(4.5, -0.12), (4.0, -0.12), (3.0, -0.01), (2.8, -0.005), (2.7, -0.005)])
+    assert [d.action[:4] for d in decisions] == ["up_x", "up_x", "past", "comm", "keep"]
+    assert [d.steps for d in decisions[:3]] == [c.trial_steps] * 3 and c.trial_steps < INTERVAL
+    assert decisions[3].steps == 0 and spent == kept == (4 * c.trial_steps + INTERVAL) * TPS
+    c = rl()
+    assert all(d.steps == 0 for d in run(c, [(4.5, -0.12), (4.0, -0.12), (3.0, -0.01)])[0])
+
+
 def test_a_suspicion_that_the_trial_does_not_confirm_keeps_the_start():
     """The same suspicion, but the first segment wins after the cooldown and the trial does not read too low: back
     to the first segment's weights and its lr."""

@@ -23,7 +23,7 @@ def readme_snippet():
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def run(base_lr, policy, seed=0):
+def run(base_lr, policy, seed=0, steps=1000):
     torch.manual_seed(seed)
     x, w = torch.randn(4096, 16), torch.randn(16, 1)
     y = torch.sin(x @ w) + 0.1 * torch.randn(4096, 1)
@@ -42,12 +42,12 @@ def run(base_lr, policy, seed=0):
         "model": model,
         "opt": torch.optim.Adam(model.parameters(), lr=base_lr),
         "base_lr": base_lr,
-        "steps": 1000,
+        "steps": steps,
         "tokens_per_step": 32,
         "evaluate": evaluate,
         "batch": lambda pos: (model(x[order[pos * 32 : (pos + 1) * 32]]), y[order[pos * 32 : (pos + 1) * 32]]),
         "loss_fn": torch.nn.functional.mse_loss,
-        "schedule": lambda frac: min(1.0, (1000 * frac + 1) / 31) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))),
+        "schedule": lambda frac: min(1.0, (steps * frac + 1) / 31) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))),
     }
     code = readme_snippet().replace('"rl"', f'"{policy}"')
     exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, run as the user would
@@ -67,6 +67,13 @@ def test_at_the_best_lr_the_controller_ends_where_the_loop_alone_does(off):
 def test_a_start_30x_too_low_is_rescued(off):
     loss, spent = run(BEST_LR / 30, "rl")
     assert loss < off[BEST_LR / 30] / 5 and spent <= 1000 * 1.1, (loss, off)
+
+
+def test_a_short_run_from_a_too_low_start_spends_exactly_its_budget():
+    """200 steps: the first segment and the climb's are 11 steps, which do not divide the budget; nothing is
+    discarded from a too-low start, and the last segment stops at the end (it once ran on past it)."""
+    loss, spent = run(BEST_LR / 30, "rl", steps=200)
+    assert spent == 200 and math.isfinite(loss)
 
 
 def test_a_start_10x_too_high_is_rescued(off):
