@@ -159,15 +159,22 @@ def replays(flags, res, rows):
     step_tokens *= args.gradient_accumulation_steps
     budget = args.max_train_steps * step_tokens
     c = train.make_controller(args, args.learning_rate, budget, step_tokens)
+
+    def unread():  # the run did not evaluate there: this controller must not read the loss either
+        raise LookupError
+
     c.start(None)
     for r in (r for r in rows if "controller/action" in r):
         obs = ctl.Observation(
             tokens=r["tokens_seen"],
-            eval_loss=r["eval_loss"],
+            eval_loss=r.get("eval_loss", unread),
             progress=r["tokens_kept"] / budget,
             hypergradient=r.get("hypergradient"),
         )
-        got = c.step(obs).as_dict()
+        try:
+            got = c.step(obs).as_dict()
+        except LookupError:
+            return False
         got.pop("reward")  # the first one depends on the initial eval loss, which the log does not hold
         if any(v != r["controller/" + k] for k, v in got.items()):
             return False

@@ -2,18 +2,19 @@
 
 Pure Python (standard library only): functions take numbers and return numbers, and the Controller keeps its
 state in plain attributes with state_dict()/load_state_dict(). Copy this file into any training loop (the README
-shows one). The loop runs one segment of optimizer steps at a time, evaluates, and asks:
+shows one). The loop runs one segment of optimizer steps at a time and asks:
 
-    d = ctrl.start(initial_eval_loss)                # once; then for every segment:
+    d = ctrl.start()                                 # once; then for every segment:
     for i in range(n := d.steps or interval):        # d.steps: this segment's length
         lr = base_lr * schedule(kept_tokens) * d.lr_at(i, n)   # the controller's multiplier
         ... d.grad_accum micro-batches, backward, optimizer step
-    d = ctrl.step(Observation(tokens=tokens_spent, eval_loss=val_loss, progress=kept_tokens / budget,
+    d = ctrl.step(Observation(tokens=tokens_spent, eval_loss=evaluate, progress=kept_tokens / budget,
                               hypergradient=h))      # h over the segment's second half when d.measure, else None
 
 until kept_tokens reaches ctrl.history_budget() (the budget, less what a restart discarded beyond the search budget;
 schedule() ends there too), and applies each decision's slots: d.save (weights + optimizer state + data position
-under a name), then d.load (a rollback to a slot), then d.drop (free the slots no longer needed).
+under a name), then d.load (a rollback to a slot), then d.drop (free the slots no longer needed). eval_loss is the
+validation loss or the function that evaluates it, called only if the decision reads the loss (an evaluation saved).
 
 The design's loop (state -> action -> reward -> policy update, once per segment):
   state   eval loss, progress, the hypergradient (is a larger lr better right now?), the trials so far
@@ -137,7 +138,10 @@ def sample(rng, probs):
 @dataclasses.dataclass
 class Observation:
     tokens: int  # training tokens spent so far, discarded segments included (the cost)
-    eval_loss: float  # validation loss of the current weights (nats/token); inf if not finite
+    # validation loss of the current weights (nats/token; inf if not finite), or a function that returns it: the
+    # controller then calls it only if this decision reads the loss (the rl search's reading before a cooldown
+    # does not: the cooled one decides), and the loop saves an evaluation
+    eval_loss: float
     progress: float = 0.0  # share of the run done: tokens in the current weights' history / the budget
     nonfinite_steps: int = 0  # optimizer steps skipped as non-finite so far (a running count)
     # over the second half of the segment, when the decision asked for it (d.measure): the cosine of the gradient
@@ -255,6 +259,10 @@ class Off:
         """The lr scale after the safety net rolled back a move up that the loss punished (scale: the halved one)."""
         return scale
 
+    def skips_loss(self, ctl, obs, nonfinite):
+        """Whether this decision does without the eval loss (asked only when the loop passes a function for it)."""
+        return False
+
     def state_dict(self):
         return dict(vars(self))
 
@@ -347,6 +355,22 @@ class RL(Off):
             return self._trial_search(ctl, obs, nonfinite)
         return self._gradient_search(ctl, obs, nonfinite)
 
+    def skips_loss(self, ctl, obs, nonfinite):
+        """In the hypergradient search, the end of a trial (its cooldown follows) and of a first segment that already
+        reads too high (h > 0: a cooldown and a lower trial follow) need no eval loss: the cooled one decides."""
+        if self.phase == "online" or self.move or obs.hypergradient is None or self.mode == "trials":
+            return False
+        return self.stage == "trial" or (self.stage == "first" and self._first_cools(ctl, obs, None))
+
+    def _first_cools(self, ctl, obs, loss):
+        """After the first segment: a cooldown, then a trial lower by TRIAL_DOWN decades from the initial weights,
+        when it reads too high (h > 0) or its loss is not finite (None: not read), if the lr can go lower and the
+        search budget holds the trial and both cooldowns."""
+        down = ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
+        cost = ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps)
+        too_high = loss == math.inf or obs.hypergradient > 0
+        return too_high and down != ctl.lr_scale and ctl.room(obs.tokens, cost, ctl.kept)
+
     def _cooldown(self, ctl, slot):
         """Keep the weights (slot), then a short cooldown of the lr to compare by the cooled loss."""
         return Decision(
@@ -399,14 +423,14 @@ class RL(Off):
     # ------------------------------------------------------------ search by the hypergradient
     def _gradient_search(self, ctl, obs, nonfinite):
         h = obs.hypergradient
-        loss = obs.eval_loss if math.isfinite(obs.eval_loss) and not nonfinite else math.inf
+        loss = obs.eval_loss  # None: not read (skips_loss)
+        if loss is not None and (not math.isfinite(loss) or nonfinite):
+            loss = math.inf
         self.history += 1
         if self.stage == "first":  # 1. a suspicion, settled by one trial from the initial weights
             self.first = {"scale": ctl.lr_scale, "raw": loss, "h": h, "slot": "first"}
-            down = ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
-            cost = ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps)
-            if (loss == math.inf or h > 0) and down != ctl.lr_scale and ctl.room(obs.tokens, cost, ctl.kept):
-                self.stage, self.trial_scale = "cool_first", down
+            if self._first_cools(ctl, obs, loss):
+                self.stage, self.trial_scale = "cool_first", ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
                 return self._cooldown(ctl, "first")
             self.stage = "climb"
             return self._climb(ctl, h, drop=("init",))
@@ -647,7 +671,7 @@ class Controller:
         more than SPIKE above the one before a move up, right after it, which also rolls back (once) to the weights
         from before it."""
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
-        loss, tokens = float(obs.eval_loss), int(obs.tokens)
+        tokens = int(obs.tokens)
         window = tokens - self.last_tokens  # the segment just run
         self.kept, self.spent = self.kept + window, tokens
         if window > 0:
@@ -655,16 +679,25 @@ class Controller:
         nonfinite = obs.nonfinite_steps > self.nonfinite_seen
         self.nonfinite_seen = obs.nonfinite_steps
         ref = window * self.ref_accum / self.grad_accum  # the window's tokens at the starting batch
-        reward = 0.0 if self.last_loss is None else compute_reward(self.last_loss, loss, window, ref, nonfinite)
         self.decisions += 1
-        # a fault: a non-finite step or loss; or, right after the controller raised the lr (slot "best" is held), a
-        # spike above the loss from before the move. The run's own ups and downs are not the controller's to undo.
-        spike = "best" in self.slot_kept and loss > self.slot_loss["best"] * (1 + SPIKE)
-        fault = nonfinite or not math.isfinite(loss) or spike
-        if math.isfinite(loss) and not nonfinite and loss < self.best - BEST_MARGIN:
-            self.best, self.since_best = loss, 0
+        unread = callable(obs.eval_loss) and not self.policy.guarded and self.policy.skips_loss(self, obs, nonfinite)
+        if unread:  # no evaluation: no reward, no new best, and (unguarded) no safety verdict
+            loss, reward, fault = None, 0.0, nonfinite
+            obs = dataclasses.replace(obs, eval_loss=None)
         else:
-            self.since_best += 1
+            if callable(obs.eval_loss):  # read now: the policy gets the number
+                obs = dataclasses.replace(obs, eval_loss=obs.eval_loss())
+            loss = float(obs.eval_loss)
+            reward = 0.0 if self.last_loss is None else compute_reward(self.last_loss, loss, window, ref, nonfinite)
+            # a fault: a non-finite step or loss; or, right after the controller raised the lr (slot "best" is
+            # held), a spike above the loss from before the move. The run's own ups and downs are not the
+            # controller's to undo.
+            spike = "best" in self.slot_kept and loss > self.slot_loss["best"] * (1 + SPIKE)
+            fault = nonfinite or not math.isfinite(loss) or spike
+            if math.isfinite(loss) and not nonfinite and loss < self.best - BEST_MARGIN:
+                self.best, self.since_best = loss, 0
+            else:
+                self.since_best += 1
         if self.policy.guarded and fault:
             self.lr_scale = self.clip(self.lr_scale * SAFETY_LR_FACTOR)
             if spike:  # a move up punished harder than an undo: its lr goes back at least as far

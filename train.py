@@ -1093,19 +1093,23 @@ def apply_decision(d, state, slots, data):
     state.segment_done = 0
 
 
-def decide(accelerator, controller, obs, state, slots, data):
-    """One controller decision from the reduced numbers every rank shares; checked equal on all ranks, applied."""
+def decide(accelerator, controller, obs, state, slots, data, before_apply=None):
+    """One controller decision from the reduced numbers every rank shares; checked equal on all ranks, applied
+    (before_apply(d) first: what must see the weights the decision was made on, before a rollback replaces them)."""
     from accelerate.utils import broadcast_object_list
 
     d = controller.step(obs)
     ref = broadcast_object_list([d.as_dict()])[0]
     if ref != d.as_dict():
         raise RuntimeError(f"controller decisions differ between ranks: {ref} vs {d.as_dict()}")
+    if before_apply is not None:
+        before_apply(d)
     apply_decision(d, state, slots, data)
     slot_ops = "".join(f" {op} {v}" for op, v in (("save", d.save), ("load", d.load), ("drop", ",".join(d.drop))) if v)
+    loss = "not read" if callable(obs.eval_loss) else f"{obs.eval_loss:.4f}"
     say(
         accelerator,
-        f"[controller] step {state.step} tokens {state.tokens_spent} eval_loss {obs.eval_loss:.4f} "
+        f"[controller] step {state.step} tokens {state.tokens_spent} eval_loss {loss} "
         f"{d.phase}: {d.action} reward {d.reward:+.4f} lr_scale {d.lr_scale:.3g} grad_accum {d.grad_accum}"
         f"{slot_ops}",
     )
@@ -1222,42 +1226,52 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
             log_row(accelerator, args, row | {"controller/" + k: v for k, v in d.as_dict().items()}, state.step)
             consecutive_bad = 0
 
-        # ---- evaluate; at the end of a segment the controller decides; log
+        # ---- at the end of a segment the controller decides, evaluating if its decision reads the loss; log
         decide_now = deciding and state.segment_done >= n and not done
-        if decide_now or state.step - state.evaluated >= args.eval_steps or done:  # (a decision's evaluation counts)
-            state.evaluated = state.step
-            eval_loss, accuracy = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)
+        cooling = d.cool and not decide_now  # inside a cooldown: the controller evaluates at its end
+        due = (state.step - state.evaluated >= args.eval_steps and not cooling) or done  # (a decision's counts)
+        if decide_now or due:
+            ev = {}
+
+            def read_eval_loss(ev=ev):  # (bound now: one per evaluation point)
+                state.evaluated = state.step
+                ev["eval_loss"], ev["accuracy"] = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)
+                return ev["eval_loss"]
+
+            def log_eval(d, ev=ev, due=due, read=read_eval_loss):  # one due before a cooldown waits for its end,
+                if due and not ev and not d.cool:  # where the controller reads the loss
+                    read()
+
             mean = torch.tensor(state.loss_sum / max(state.loss_steps, 1), device=accelerator.device)
             train_loss = accelerator.reduce(mean, reduction="mean").item()
             state.loss_sum, state.loss_steps = 0.0, 0
-            row = {
-                "step": state.step,
-                "tokens_seen": state.tokens_spent,
-                "tokens_kept": state.model_tokens,
-                "train_loss": train_loss,
-                "eval_loss": eval_loss,
-                "perplexity": math.exp(min(eval_loss, 50)),
-                "accuracy": accuracy,
-                "lr": lr,
-                "effective_batch_size": args.per_device_train_batch_size * world * gas,
-                "elapsed_s": time.time() - t_run,
-            }
+            ctl_row = {}
             if decide_now:
                 h, align = probe.read(accelerator) if probe.active else (None, None)
-                obs |= {"eval_loss": eval_loss, "hypergradient": h}
-                d = decide(accelerator, controller, ctl.Observation(**obs), state, slots, data)
-                row |= {"hypergradient": h, "gradient_alignment": align}
-                row |= {"controller/" + k: v for k, v in d.as_dict().items()}
+                obs |= {"eval_loss": read_eval_loss, "hypergradient": h}
+                d = decide(accelerator, controller, ctl.Observation(**obs), state, slots, data, log_eval)
+                ctl_row = {"hypergradient": h, "gradient_alignment": align}
+                ctl_row |= {"controller/" + k: v for k, v in d.as_dict().items()}
                 if d.stop:
                     say(accelerator, f"[controller] no improvement for {args.controller_patience} decisions: stopping")
                     done = True
+            elif due:
+                read_eval_loss()
+            row = {"step": state.step, "tokens_seen": state.tokens_spent, "tokens_kept": state.model_tokens}
+            row["train_loss"] = train_loss
+            if ev:
+                row |= {"eval_loss": ev["eval_loss"], "perplexity": math.exp(min(ev["eval_loss"], 50))}
+                row["accuracy"] = ev["accuracy"]
+            row |= {"lr": lr, "effective_batch_size": args.per_device_train_batch_size * world * gas}
+            row |= {"elapsed_s": time.time() - t_run} | ctl_row
             log_row(accelerator, args, row, state.step)
-            say(
-                accelerator,
-                f"eval step {state.step} tokens {state.tokens_spent} train_loss {train_loss:.4f} "
-                f"eval_loss {eval_loss:.4f} ppl {row['perplexity']:.2f} acc {accuracy:.4f} lr {lr:.3e} "
-                f"batch {row['effective_batch_size']}",
-            )
+            if ev:
+                say(
+                    accelerator,
+                    f"eval step {state.step} tokens {state.tokens_spent} train_loss {train_loss:.4f} "
+                    f"eval_loss {ev['eval_loss']:.4f} ppl {row['perplexity']:.2f} acc {ev['accuracy']:.4f} "
+                    f"lr {lr:.3e} batch {row['effective_batch_size']}",
+                )
 
         # ---- checkpoint (one due inside a measurement window waits for its end, so a resume measures the same)
         checkpoint_due |= bool(args.checkpointing_steps) and state.step % (args.checkpointing_steps or 1) == 0
@@ -1457,7 +1471,8 @@ def plot_run(output_dir):
     import matplotlib.pyplot as plt
 
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        rows = [r for r in map(json.loads, f) if "eval_loss" in r]  # evaluations, not fault events
+        every = [json.loads(line) for line in f]
+    rows = [r for r in every if "eval_loss" in r]  # evaluations, not fault events nor unread decisions
     x = [r["tokens_seen"] for r in rows]
     fig, ax = plt.subplots(1, 4, figsize=(16, 3.5))
     ax[0].plot(x, [r["eval_loss"] for r in rows], marker=".")
@@ -1466,7 +1481,7 @@ def plot_run(output_dir):
     ax[1].set(title="learning rate", xlabel="tokens spent")
     ax[2].plot(x, [r["effective_batch_size"] for r in rows], marker=".")
     ax[2].set(title="effective batch (sequences)", xlabel="tokens spent")
-    dec = [r for r in rows if "controller/reward" in r]
+    dec = [r for r in every if "controller/reward" in r and "event" not in r]
     ax[3].bar(range(len(dec)), [r["controller/reward"] for r in dec])
     ax[3].set(title="controller reward per decision", xlabel="decision")
     fig.tight_layout()
@@ -1516,11 +1531,8 @@ def main(argv=None):
     sf_opt = optimizer.optimizer if args.optimizer == "schedulefree" else None
     if sf_opt is not None:
         sf_opt.train()
-    if not saved:
-        init_loss = (
-            evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)[0] if args.controller == "rl" else None
-        )
-        apply_decision(controller.start(init_loss), state, slots, data)
+    if not saved:  # (no initial evaluation: no decision reads it)
+        apply_decision(controller.start(), state, slots, data)
     probe = GradientProbe(base_optimizer(model))
     wall = train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, probe, micro_tokens)
     final = evaluate(accelerator, model, eval_dl, args.final_eval_batches, sf_opt)

@@ -268,6 +268,42 @@ def test_too_high_start_rolls_back_and_moves_down():
     assert spent - kept == INTERVAL * TPS + 2 * cool  # discarded: the first segment and the two cooldowns
 
 
+def test_the_search_reads_the_eval_loss_only_where_a_decision_needs_it():
+    """The loop may pass the eval loss as a function (it saves an evaluation when not called): the search calls it
+    after a cooldown (the cooled losses decide) and at a first segment that does not read too high, not at the end of
+    a first segment that reads too high (a cooldown follows whatever the loss) nor at the end of a trial. The
+    decisions are those the same losses passed as numbers give; a guarded policy always reads it."""
+    script = [(3.3, 0.02), (3.25, None), (3.2, -0.01), (2.9, None), (2.7, -0.01), (2.6, -0.005)]
+    calls = []
+
+    def lazy(loss):
+        def read():
+            calls.append(loss)
+            return loss
+
+        return read
+
+    eager, lazy_run = rl(), rl()
+    want = run(eager, script)[0]
+    d, spent, got = lazy_run.start(), 0, []
+    for loss, h in script:
+        spent += (d.steps or INTERVAL) * TPS
+        d = lazy_run.step(ctl.Observation(tokens=spent, eval_loss=lazy(loss), hypergradient=h))
+        got.append(d)
+    assert calls == [3.25, 2.9, 2.7, 2.6]  # not 3.3 (the first segment reads too high) nor 3.2 (the trial's end)
+    assert [g.action for g in got] == [w.action for w in want] and lazy_run.lr_scale == eager.lr_scale
+    assert [g.load for g in got] == [w.load for w in want] and got[0].cool and got[2].cool
+    calls.clear()  # a start that does not read too high: its first decision reads the loss
+    lazy_run = rl()
+    lazy_run.start()
+    assert lazy_run.step(ctl.Observation(tokens=INTERVAL * TPS, eval_loss=lazy(3.3), hypergradient=-0.01))
+    assert calls == [3.3]
+    seed = ctl.Controller("seed", 1e-3, (1e-6, 1.0), 1, (1, 4), budget_tokens=40000, interval=INTERVAL)
+    seed.start()
+    seed.step(ctl.Observation(tokens=1000, eval_loss=lazy(3.0), hypergradient=0.5))
+    assert calls == [3.3, 3.0]
+
+
 def test_a_short_run_shortens_the_trial_to_fit_the_search_budget():
     """100 steps, 10% search budget: a 10-step trial and its two 4-step cooldowns (18 steps) would not fit; with
     the step's tokens known at the start, the first segment and the trial are shortened to fit, and the search runs

@@ -81,7 +81,7 @@ def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path
     Slots in host memory (default), in the GPU's (here, without one: host memory) or as DeepSpeed checkpoints on disk
     give the same run, bit for bit. The search's decisions fall off the --eval_steps grid (its cooldowns are shorter
     than the interval): each one's evaluation restarts the count, so no grid evaluation follows a decision's a step
-    or two later."""
+    or two later; a decision before a cooldown evaluates nothing (the controller does not read the loss there)."""
     budget, out = 24 * 4 * 32, {}
     runs = [("memory", []), ("disk", ["--controller_slots", "disk"]), ("inside", ["--search_in_budget"])]
     for name, extra in runs + [("device", ["--controller_slots", "device"])]:  # (no GPU: host memory)
@@ -98,6 +98,8 @@ def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path
     assert any(step % 4 for step, decided in evals if decided), evals  # decisions off the grid
     gaps = [s - p for (p, _), (s, decided) in itertools.pairwise(evals[:-1]) if not decided]  # (the last: the end)
     assert all(gap == 4 for gap in gaps), evals  # (here every evaluation but the last is a decision's)
+    unread = [r for r in rows(out["memory"]) if "controller/action" in r and "eval_loss" not in r]
+    assert unread and all(r["controller/cool"] for r in unread), unread  # a trial's end: the cooled loss decides
     strip = [
         [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows(out[m])] for m in ("memory", "disk", "device")
     ]
