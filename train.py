@@ -1531,10 +1531,16 @@ def main(argv=None):
     sf_opt = optimizer.optimizer if args.optimizer == "schedulefree" else None
     if sf_opt is not None:
         sf_opt.train()
-    if not saved:  # (no initial evaluation: no decision reads it)
-        apply_decision(controller.start(), state, slots, data)
+    t_start = time.time()  # the wall time counts the controller's start (rl's initial evaluation) and the loop
+    if not saved:  # rl evaluates the initial weights before saving them: at ZeRO-3 with several processes a memory
+        # slot saved before any forward pass restored other weights than a disk slot (tests/test_train.py)
+        init_loss = (
+            evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)[0] if args.controller == "rl" else None
+        )
+        apply_decision(controller.start(init_loss), state, slots, data)
     probe = GradientProbe(base_optimizer(model))
-    wall = train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, probe, micro_tokens)
+    wall = time.time() - t_start
+    wall += train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, probe, micro_tokens)
     final = evaluate(accelerator, model, eval_dl, args.final_eval_batches, sf_opt)
     slots.clear()
     return finish(args, accelerator, model, tokenizer, state, final, wall)
