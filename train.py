@@ -1093,23 +1093,20 @@ def apply_decision(d, state, slots, data):
     state.segment_done = 0
 
 
-def decide(accelerator, controller, obs, state, slots, data, before_apply=None):
-    """One controller decision from the reduced numbers every rank shares; checked equal on all ranks, applied
-    (before_apply(d) first: what must see the weights the decision was made on, before a rollback replaces them)."""
+def decide(accelerator, controller, obs, state, slots, data):
+    """One controller decision from the reduced numbers every rank shares; checked equal on all ranks, applied."""
     from accelerate.utils import broadcast_object_list
 
     d = controller.step(obs)
     ref = broadcast_object_list([d.as_dict()])[0]
     if ref != d.as_dict():
         raise RuntimeError(f"controller decisions differ between ranks: {ref} vs {d.as_dict()}")
-    if before_apply is not None:
-        before_apply(d)
     apply_decision(d, state, slots, data)
     slot_ops = "".join(f" {op} {v}" for op, v in (("save", d.save), ("load", d.load), ("drop", ",".join(d.drop))) if v)
-    loss = "not read" if callable(obs.eval_loss) else f"{obs.eval_loss:.4f}"
+    loss = "" if callable(obs.eval_loss) else f" eval_loss {obs.eval_loss:.4f}"  # (a read one: the eval line)
     say(
         accelerator,
-        f"[controller] step {state.step} tokens {state.tokens_spent} eval_loss {loss} "
+        f"[controller] step {state.step} tokens {state.tokens_spent}{loss} "
         f"{d.phase}: {d.action} reward {d.reward:+.4f} lr_scale {d.lr_scale:.3g} grad_accum {d.grad_accum}"
         f"{slot_ops}",
     )
@@ -1226,7 +1223,8 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
             log_row(accelerator, args, row | {"controller/" + k: v for k, v in d.as_dict().items()}, state.step)
             consecutive_bad = 0
 
-        # ---- at the end of a segment the controller decides, evaluating if its decision reads the loss; log
+        # ---- at the end of a segment the controller decides, evaluating if its decision reads the loss (rl's search
+        # does not before a cooldown: an --eval_steps evaluation due there waits for the cooldown's end); log
         decide_now = deciding and state.segment_done >= n and not done
         cooling = d.cool and not decide_now  # inside a cooldown: the controller evaluates at its end
         due = (state.step - state.evaluated >= args.eval_steps and not cooling) or done  # (a decision's counts)
@@ -1238,10 +1236,6 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
                 ev["eval_loss"], ev["accuracy"] = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)
                 return ev["eval_loss"]
 
-            def log_eval(d, ev=ev, due=due, read=read_eval_loss):  # one due before a cooldown waits for its end,
-                if due and not ev and not d.cool:  # where the controller reads the loss
-                    read()
-
             mean = torch.tensor(state.loss_sum / max(state.loss_steps, 1), device=accelerator.device)
             train_loss = accelerator.reduce(mean, reduction="mean").item()
             state.loss_sum, state.loss_steps = 0.0, 0
@@ -1249,7 +1243,7 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
             if decide_now:
                 h, align = probe.read(accelerator) if probe.active else (None, None)
                 obs |= {"eval_loss": read_eval_loss, "hypergradient": h}
-                d = decide(accelerator, controller, ctl.Observation(**obs), state, slots, data, log_eval)
+                d = decide(accelerator, controller, ctl.Observation(**obs), state, slots, data)
                 ctl_row = {"hypergradient": h, "gradient_alignment": align}
                 ctl_row |= {"controller/" + k: v for k, v in d.as_dict().items()}
                 if d.stop:
