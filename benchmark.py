@@ -30,6 +30,7 @@ import ast
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -446,13 +447,13 @@ def overhead(args):
             "--learning_rate",
             "3e-2",
         ]
-        res = {}
+        res, ck = {}, {}
         for i, pol in enumerate(["off", "rl", "off", "rl"][: 2 * args.repeats]):  # interleaved against drift
             res.setdefault(pol, []).append(run(args, f"overhead_{size}_{pol}_{i // 2}", common + ["--controller", pol]))
+            ck.setdefault(pol, measured_checkpoints(os.path.join(args.output_dir, f"overhead_{size}_{pol}_{i // 2}")))
 
         per_token = {p: statistics.mean(r[0]["wall_s"] / r[0]["tokens_seen"] for r in res[p]) for p in res}
         ratio = per_token["rl"] / per_token["off"]
-        ck = {p: checkpoint_sizes(os.path.join(args.output_dir, f"overhead_{size}_{p}_0")) for p in ("off", "rl")}
         off_at = {s: ck["off"].get(s, ck["off"][max(ck["off"])]) for s in ck["rl"]}  # rl's steps run past off's
         during, after = max(ck["rl"], key=lambda s: ck["rl"][s] / off_at[s]), max(ck["rl"])  # the largest, the last
         r_off, r_rl = res["off"][0][0], res["rl"][0][0]
@@ -480,6 +481,20 @@ def overhead(args):
 
 def mb(x):
     return "-" if x is None else f"{x / 2**20:.0f}"
+
+
+def measured_checkpoints(out):
+    """{step: bytes} of a run's step_N checkpoints, kept in checkpoint_sizes.json: a run that just wrote them is
+    measured and its checkpoints deleted (4 of a 124M run take 10 GB); a reused run's measurement is read back."""
+    path = os.path.join(out, "checkpoint_sizes.json")
+    written = [n for n in os.listdir(out) if n.startswith("step_")]
+    if written or not os.path.isfile(path):
+        with open(path, "w") as f:
+            json.dump(checkpoint_sizes(out), f)
+        for n in written:
+            shutil.rmtree(os.path.join(out, n))
+    with open(path) as f:
+        return {int(k): v for k, v in json.load(f).items()}
 
 
 def checkpoint_sizes(out):

@@ -875,7 +875,13 @@ class Slots:
 
     def load(self, name):
         if self.where is not None:  # from a copy: the slot stays as it was saved
+            # as DeepSpeed's load_checkpoint does, at ZeRO-3: every parameter partitioned before the load, the
+            # persistent ones gathered after it (without the first, two processes restored other weights than a
+            # disk slot from a slot saved before the first forward pass: tests/test_train.py)
+            ds_opt = self.engine.optimizer
+            getattr(ds_opt, "checkpoint_event_prologue", lambda: None)()
             load_engine_state(self.engine, copy_to(self.mem[name], self.where), self.acc.num_processes)
+            getattr(ds_opt, "checkpoint_event_epilogue", lambda: None)()
         else:
             self.engine.load_checkpoint(self.root, tag=name, load_optimizer_states=True, load_lr_scheduler_states=False)
         for k, v in self.meta[name].items():
@@ -1525,13 +1531,9 @@ def main(argv=None):
     sf_opt = optimizer.optimizer if args.optimizer == "schedulefree" else None
     if sf_opt is not None:
         sf_opt.train()
-    t_start = time.time()  # the wall time counts the controller's start (rl's initial evaluation) and the loop
-    if not saved:  # rl evaluates the initial weights before saving them: at ZeRO-3 with several processes a memory
-        # slot saved before any forward pass restored other weights than a disk slot (tests/test_train.py)
-        init_loss = (
-            evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)[0] if args.controller == "rl" else None
-        )
-        apply_decision(controller.start(init_loss), state, slots, data)
+    t_start = time.time()  # the wall time counts the controller's start (rl saves the initial weights) and the loop
+    if not saved:
+        apply_decision(controller.start(), state, slots, data)
     probe = GradientProbe(base_optimizer(model))
     wall = time.time() - t_start
     wall += train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, probe, micro_tokens)

@@ -52,3 +52,22 @@ def test_quick_benchmark_writes_table_and_plots(tmp_path):
     again = [line.split()[0] for line in bench(out).splitlines() if "eval_loss" in line and line.startswith("  ")]
     assert again == [victim], again
     assert "an earlier" not in (out / victim / "metrics.jsonl").read_text()
+
+
+def test_overhead_measures_a_runs_checkpoints_once_then_deletes_them(tmp_path):
+    """The overhead runs' step_N checkpoints are measured (a hard link counted once) and deleted; a reused run's
+    measurement is read back; a run written again is measured again."""
+    sys.path.insert(0, ROOT)
+    import benchmark
+
+    run = tmp_path / "overhead_25M_rl_0"
+    for step, size in ((10, 300), (20, 500)):
+        (run / f"step_{step}" / "controller_slots").mkdir(parents=True)
+        (run / f"step_{step}" / "model.bin").write_bytes(b"x" * size)
+    os.link(run / "step_10" / "model.bin", run / "step_20" / "controller_slots" / "init.bin")
+    assert benchmark.measured_checkpoints(str(run)) == {10: 300, 20: 500}
+    assert not any(n.startswith("step_") for n in os.listdir(run))
+    assert benchmark.measured_checkpoints(str(run)) == {10: 300, 20: 500}  # reused
+    (run / "step_10").mkdir()
+    (run / "step_10" / "model.bin").write_bytes(b"x" * 7)
+    assert benchmark.measured_checkpoints(str(run)) == {10: 7}
