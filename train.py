@@ -953,6 +953,9 @@ class Slots:
 
 
 # ----------------------------------------------------------------------------- the controller's gradient statistics
+PROBE_CHUNK = 1 << 16  # elements per slice of the probe's sums on the CPU (4 vectors' slices stay in a 1 MB L2 cache)
+
+
 class GradientProbe:
     """Gradient statistics for the controller, taken inside the optimizer step on the weights this rank updates
     (its ZeRO partition of the fp32 weights, or the whole model at stage 0), summed over a window:
@@ -966,8 +969,7 @@ class GradientProbe:
     def __init__(self, optimizer):
         self.active = False
         self.sums = torch.zeros(5, dtype=torch.float64)  # g.u, g.gp, |g|^2, |u|^2, |gp|^2
-        self.prev_grad, self.prev_update, self.before = {}, {}, {}
-        self.scratch = None
+        self.prev_grad, self.prev_update, self.before, self.last_gg = {}, {}, {}, {}
         optimizer.register_step_pre_hook(self._pre)
         optimizer.register_step_post_hook(self._post)
 
@@ -978,22 +980,31 @@ class GradientProbe:
         for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
             g, w, key = p.grad.detach().float().reshape(-1), p.detach().float().reshape(-1), id(p)
             u, gp = self.prev_update.pop(key, None), self.prev_grad.get(key)
-            if u is not None:
-                self._add(g, u, gp)
-            # the buffers are reused (no allocation per step): the last update's holds the weights before this one
-            self.prev_grad[key] = g.clone() if gp is None else gp.copy_(g)
-            self.before[key] = w.clone() if u is None else u.copy_(w)
+            if u is None or gp is None:  # the first measured step only records what the next one is compared with
+                self.prev_grad[key], self.before[key] = g.clone(), w.clone()
+                continue
+            self._add_and_keep(key, g, w, u, gp)
+            # the buffers are reused (no allocation per step): the last update's now holds the weights before this one
+            self.prev_grad[key], self.before[key] = gp, u
 
-    def _add(self, g, u, gp):
-        """Add g.u, g.gp, |g|^2, |u|^2, |gp|^2 to the sums, on the gradient's device (no host sync per tensor),
-        through one reused scratch buffer (no temporaries)."""
-        if self.scratch is None or self.scratch.numel() < g.numel() or self.scratch.device != g.device:
-            self.scratch = torch.empty(g.numel(), dtype=g.dtype, device=g.device)
+    def _add_and_keep(self, key, g, w, u, gp):
+        """Add g.u, g.gp, |g|^2, |u|^2, |gp|^2 to the sums (on the gradient's device: no host sync per tensor), then
+        gp <- g and u <- w, a slice at a time (on the CPU, cache-sized: the vectors are read once, not once per
+        sum). |gp|^2 is the last step's |g|^2, kept per tensor."""
+        chunk = PROBE_CHUNK if g.device.type == "cpu" else g.numel()
+        gpgp = self.last_gg.get(key)
+        acc = []
+        for i in range(0, g.numel(), chunk):
+            gc, uc, pc, wc = g[i : i + chunk], u[i : i + chunk], gp[i : i + chunk], w[i : i + chunk]
+            terms = [torch.dot(gc, uc), torch.dot(gc, pc), torch.dot(gc, gc), torch.dot(uc, uc)]
+            acc.append(torch.stack(terms if gpgp is not None else [*terms, torch.dot(pc, pc)]))
+            pc.copy_(gc)
+            uc.copy_(wc)
         if self.sums.device != g.device and g.device.type != "mps":  # (MPS has no float64: sums stay on the host)
             self.sums = self.sums.to(g.device)
-        b = self.scratch[: g.numel()]
-        terms = [torch.mul(x, y, out=b).sum() for x, y in ((g, u), (g, gp), (g, g), (u, u), (gp, gp))]
-        self.sums += torch.stack(terms).double().to(self.sums.device)
+        acc = torch.stack(acc).to(self.sums.device).double().sum(0)
+        self.last_gg[key] = acc[2]
+        self.sums += acc if gpgp is None else torch.cat([acc, gpgp.reshape(1)])
 
     @torch.no_grad()
     def _post(self, optimizer, args, kwargs):
@@ -1007,12 +1018,12 @@ class GradientProbe:
         """Measure from the next step on (the first step only records the update the next one is compared with)."""
         self.active = True
         self.sums.zero_()
-        self.prev_grad, self.prev_update, self.before = {}, {}, {}
+        self.prev_grad, self.prev_update, self.before, self.last_gg = {}, {}, {}, {}
 
     def read(self, accelerator=None):
         """(hypergradient, alignment) over the window, reduced over ranks, or (None, None); stops measuring."""
         self.active = False
-        self.prev_grad, self.prev_update, self.before = {}, {}, {}
+        self.prev_grad, self.prev_update, self.before, self.last_gg = {}, {}, {}, {}
         sums = (
             self.sums if accelerator is None else accelerator.reduce(self.sums.to(accelerator.device), reduction="sum")
         )

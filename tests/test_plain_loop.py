@@ -81,12 +81,17 @@ def test_a_start_10x_too_high_is_rescued(off):
     assert loss < off[BEST_LR * 10] / 5 and spent <= 1000 * 1.1, (loss, off)
 
 
+@pytest.mark.parametrize("chunk", [1 << 16, 7])
 @pytest.mark.parametrize("opt_cls", [torch.optim.SGD, torch.optim.AdamW])
-def test_gradient_probe_reads_the_cosines_it_defines(opt_cls):
+def test_gradient_probe_reads_the_cosines_it_defines(opt_cls, chunk, monkeypatch):
     """GradientProbe's two readings against the same sums taken by hand in float64 over a window of steps: the
     gradient against the previous update (the hypergradient) and against the previous gradient (the alignment).
-    With plain SGD the update is -lr * gradient, so the hypergradient is minus the alignment."""
+    With plain SGD the update is -lr * gradient, so the hypergradient is minus the alignment. The probe sums in
+    slices on the CPU: one slice per tensor here, or slices of 7 elements (the last one shorter)."""
+    import train
     from train import GradientProbe
+
+    monkeypatch.setattr(train, "PROBE_CHUNK", chunk)
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
