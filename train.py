@@ -969,9 +969,9 @@ class GradientProbe:
     def __init__(self, optimizer):
         self.active = False
         self.sums = torch.zeros(5, dtype=torch.float64)  # g.u, g.gp, |g|^2, |u|^2, |gp|^2
-        self.prev_grad, self.prev_update, self.before, self.last_gg = {}, {}, {}, {}
+        self.prev_grad, self.before, self.last_gg = {}, {}, {}  # per tensor: g, w and |g|^2 at the last step
+        self.scratch = None
         optimizer.register_step_pre_hook(self._pre)
-        optimizer.register_step_post_hook(self._post)
 
     @torch.no_grad()
     def _pre(self, optimizer, args, kwargs):
@@ -979,51 +979,44 @@ class GradientProbe:
             return
         for p in (p for g in optimizer.param_groups for p in g["params"] if p.grad is not None):
             g, w, key = p.grad.detach().float().reshape(-1), p.detach().float().reshape(-1), id(p)
-            u, gp = self.prev_update.pop(key, None), self.prev_grad.get(key)
-            if u is None or gp is None:  # the first measured step only records what the next one is compared with
+            before, gp = self.before.get(key), self.prev_grad.get(key)
+            if before is None or gp is None:  # the first measured step only records what the next one is compared with
                 self.prev_grad[key], self.before[key] = g.clone(), w.clone()
-                continue
-            self._add_and_keep(key, g, w, u, gp)
-            # the buffers are reused (no allocation per step): the last update's now holds the weights before this one
-            self.prev_grad[key], self.before[key] = gp, u
+            else:  # the buffers are reused: no allocation per step
+                self._add_and_keep(key, g, w, before, gp)
 
-    def _add_and_keep(self, key, g, w, u, gp):
-        """Add g.u, g.gp, |g|^2, |u|^2, |gp|^2 to the sums (on the gradient's device: no host sync per tensor), then
-        gp <- g and u <- w, a slice at a time (on the CPU, cache-sized: the vectors are read once, not once per
-        sum). |gp|^2 is the last step's |g|^2, kept per tensor."""
+    def _add_and_keep(self, key, g, w, before, gp):
+        """Add g.u, g.gp, |g|^2, |u|^2, |gp|^2 to the sums, with u = w - before (the last step's update: between two
+        steps of a window nothing else moves the weights), on the gradient's device (no host sync per tensor); then
+        gp <- g and before <- w. A slice at a time, on the CPU cache-sized: each vector is read once, not once per
+        sum. |gp|^2 is the last step's |g|^2, kept per tensor."""
         chunk = PROBE_CHUNK if g.device.type == "cpu" else g.numel()
-        gpgp = self.last_gg.get(key)
-        acc = []
+        if self.scratch is None or self.scratch.numel() < min(chunk, g.numel()) or self.scratch.device != g.device:
+            self.scratch = torch.empty(min(chunk, g.numel()), dtype=g.dtype, device=g.device)
+        gpgp, acc = self.last_gg.get(key), []
         for i in range(0, g.numel(), chunk):
-            gc, uc, pc, wc = g[i : i + chunk], u[i : i + chunk], gp[i : i + chunk], w[i : i + chunk]
+            gc, bc, pc, wc = g[i : i + chunk], before[i : i + chunk], gp[i : i + chunk], w[i : i + chunk]
+            uc = torch.sub(wc, bc, out=self.scratch[: gc.numel()])
             terms = [torch.dot(gc, uc), torch.dot(gc, pc), torch.dot(gc, gc), torch.dot(uc, uc)]
             acc.append(torch.stack(terms if gpgp is not None else [*terms, torch.dot(pc, pc)]))
             pc.copy_(gc)
-            uc.copy_(wc)
+            bc.copy_(wc)
         if self.sums.device != g.device and g.device.type != "mps":  # (MPS has no float64: sums stay on the host)
             self.sums = self.sums.to(g.device)
         acc = torch.stack(acc).to(self.sums.device).double().sum(0)
         self.last_gg[key] = acc[2]
         self.sums += acc if gpgp is None else torch.cat([acc, gpgp.reshape(1)])
 
-    @torch.no_grad()
-    def _post(self, optimizer, args, kwargs):
-        if not self.before:  # not measuring
-            return
-        for p in (p for g in optimizer.param_groups for p in g["params"] if id(p) in self.before):
-            before = self.before.pop(id(p))
-            self.prev_update[id(p)] = torch.sub(p.detach().float().reshape(-1), before, out=before)
-
     def start(self):
         """Measure from the next step on (the first step only records the update the next one is compared with)."""
         self.active = True
         self.sums.zero_()
-        self.prev_grad, self.prev_update, self.before, self.last_gg = {}, {}, {}, {}
+        self.prev_grad, self.before, self.last_gg = {}, {}, {}
 
     def read(self, accelerator=None):
         """(hypergradient, alignment) over the window, reduced over ranks, or (None, None); stops measuring."""
         self.active = False
-        self.prev_grad, self.prev_update, self.before, self.last_gg = {}, {}, {}, {}
+        self.prev_grad, self.before, self.last_gg = {}, {}, {}
         sums = (
             self.sums if accelerator is None else accelerator.reduce(self.sums.to(accelerator.device), reduction="sum")
         )
