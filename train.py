@@ -953,7 +953,7 @@ class Slots:
 
 
 # ----------------------------------------------------------------------------- the controller's gradient statistics
-PROBE_CHUNK = 1 << 16  # elements per slice of the probe's sums on the CPU (4 vectors' slices stay in a 1 MB L2 cache)
+PROBE_CHUNK = 1 << 16  # elements per slice of the probe's sums on the CPU (256 KB per vector: the slices stay in cache)
 
 
 class GradientProbe:
