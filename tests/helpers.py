@@ -34,17 +34,21 @@ TINY = [
 ]
 
 
-def launch_cmd(script, processes=1, config=None):
-    """`accelerate launch` of a script of this repository; several processes take a free port, not 29500 (the tests
-    run side by side)."""
+def launch_cmd(script, processes=1, config=None, launcher=None):
+    """The command that runs a script of this repository: `accelerate launch` for several processes or a config file
+    (several processes take a free port, not 29500: the tests run side by side); one process without a config runs
+    `python script` (the same run: train.py gives the one process its rank and world size; the launcher's own
+    start, ~7 s of imports, is left out) unless launcher=True."""
+    if not (processes > 1 or config or launcher):
+        return [sys.executable, os.path.join(ROOT, script)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     cmd += ["--config_file", os.path.join(ROOT, config)] if config else []
     cmd += ["--main_process_port", "0"] if processes > 1 else []
     return cmd + [os.path.join(ROOT, script)]
 
 
-def launch(args, processes=1, config=None, check=True):
-    cmd = launch_cmd("train.py", processes, config) + args
+def launch(args, processes=1, config=None, check=True, launcher=None):
+    cmd = launch_cmd("train.py", processes, config, launcher) + args
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     if check and p.returncode != 0:

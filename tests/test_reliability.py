@@ -414,7 +414,7 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, text_fil
     out = str(tmp_path / "killed")
     # kill 1: while step_8 is being written (its .tmp exists); kill 2: right after step_16 is complete
     for wait_for in ("step_8.tmp", "step_16"):
-        cmd = launch_cmd("train.py") + [*common, "--output_dir", out, "--overwrite_output_dir"]
+        cmd = launch_cmd("train.py", launcher=True) + [*common, "--output_dir", out, "--overwrite_output_dir"]
         if os.path.isdir(os.path.join(out, "step_4")) or os.path.isdir(os.path.join(out, "step_8")):
             cmd[cmd.index("--overwrite_output_dir")] = "--resume_from_checkpoint=latest"
         proc = subprocess.Popen(

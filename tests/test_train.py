@@ -1,4 +1,5 @@
-"""Smoke runs of the real script through `accelerate launch`, with a tiny model and a few steps.
+"""Smoke runs of the real script, with a tiny model and a few steps: through `accelerate launch` for several processes
+or a config file and for the default run, as `python train.py` for one process (tests/helpers.py).
 
 Run: python -m pytest -q tests/test_train.py      (about 6 minutes on 2 CPU cores)
 """
@@ -43,7 +44,7 @@ RESULT_KEYS = {
 def test_default_data_one_process_zero2(tmp_path):
     """Plain `accelerate launch train.py` (no config file): DeepSpeed ZeRO-2 on the shipped plays."""
     out = str(tmp_path / "run")
-    p = launch(TINY + ["--output_dir", out, "--with_tracking", "--final_eval_batches", "0"])
+    p = launch(TINY + ["--output_dir", out, "--with_tracking", "--final_eval_batches", "0"], launcher=True)
     assert "Running training" in p.stdout and "ZeRO-2" in p.stdout
     assert "[controller] step 4" in p.stdout
     r = rows(out)
