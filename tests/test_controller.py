@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_controller.py
 
 import json
 import math
+import random
 
 import pytest
 
@@ -500,3 +501,39 @@ def test_patience_stops():
     c.start()
     stops = [c.step({"tokens": i + 1, "eval_loss": v}).stop for i, v in enumerate([3.0, 3.1, 3.2])]
     assert stops == [False, False, True]
+
+
+@pytest.mark.parametrize("policy", ["rl", "seed", "plateau", "off"])
+def test_random_observation_sequences_give_valid_decisions(policy):
+    """Whatever a loop reports (losses that rise, fall, go inf or NaN, non-finite steps, readings or none, short and
+    long budgets, tight bounds), every decision keeps the lr inside its bounds, the batch >= 1, loads only a slot that
+    is saved and not yet freed, and a controller restored from JSON at any decision decides the same."""
+    for seed in range(40):
+        r = random.Random(seed)
+        lr = 10 ** r.uniform(-5, -1)
+        bounds = (lr * 10 ** r.choice([0, -0.5, -2]), lr * 10 ** r.choice([0, 0.5, 2]))
+        interval, per_step = r.choice([1, 5, 20]), r.choice([100, 1000])
+        kw = {"budget_tokens": r.choice([None, 10**3, 10**5, 10**6]), "interval": interval, "seed": seed}
+        kw |= {"search_budget": r.choice([0.0, 0.1, 0.5]), "tokens_per_step": r.choice([None, per_step])}
+        c = ctl.Controller(policy, lr, bounds, 2, (1, 8), **kw)
+        d, saved, tokens, base, nonfinite = c.start(), set(), 0, 3.0, 0
+        for i in range(150):
+            assert c.scale_lo - 1e-12 <= d.lr_scale <= c.scale_hi + 1e-12
+            assert math.isfinite(d.lr_scale) and d.lr_scale > 0 and d.grad_accum >= 1
+            assert all(d.lr_at(k, d.steps or interval) >= 0 for k in range(d.steps or interval))
+            saved |= {d.save} - {""}
+            assert not d.load or d.load in saved, (seed, i, d)
+            saved -= set(d.drop)
+            if d.stop or (kw["budget_tokens"] and c.kept >= c.history_budget()):
+                break
+            tokens += (d.steps or interval) * per_step * d.grad_accum // 2
+            base *= r.uniform(0.9, 1.05)
+            loss = r.choices([base, base * 1.5, math.inf, math.nan], [16, 2, 1, 1])[0]
+            nonfinite += r.random() < 0.03  # a running count
+            h = r.choice([None, r.uniform(-0.5, 0.5), r.uniform(-0.5, 0), -ctl.LOW_H, 0.0]) if d.measure else None
+            obs = {"tokens": tokens, "eval_loss": loss, "progress": i / 150, "hypergradient": h}
+            obs["nonfinite_steps"] = nonfinite
+            copy = ctl.Controller(policy, lr, bounds, 2, (1, 8), **kw)
+            copy.load_state_dict(json.loads(json.dumps(c.state_dict())))
+            d = c.step(dict(obs))
+            assert copy.step(dict(obs)).as_dict() == d.as_dict()
