@@ -34,7 +34,7 @@ TINY = [
 ]
 
 
-def launch_cmd(script, processes=1, config=None, launcher=None):
+def launch_cmd(script, processes=1, config=None, launcher=False):
     """The command that runs a script of this repository: `accelerate launch` for several processes or a config file
     (several processes take a free port, not 29500: the tests run side by side); one process without a config runs
     `python script` (the same run: train.py gives the one process its rank and world size; the launcher's own
@@ -47,7 +47,7 @@ def launch_cmd(script, processes=1, config=None, launcher=None):
     return cmd + [os.path.join(ROOT, script)]
 
 
-def launch(args, processes=1, config=None, check=True, launcher=None):
+def launch(args, processes=1, config=None, check=True, launcher=False):
     cmd = launch_cmd("train.py", processes, config, launcher) + args
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

@@ -533,7 +533,7 @@ def test_random_observation_sequences_give_valid_decisions(policy):
             h = r.choice([None, r.uniform(-0.5, 0.5), r.uniform(-0.5, 0), -ctl.LOW_H, 0.0]) if d.measure else None
             obs = {"tokens": tokens, "eval_loss": loss, "progress": i / 150, "hypergradient": h}
             obs["nonfinite_steps"] = nonfinite
-            copy = ctl.Controller(policy, lr, bounds, 2, (1, 8), **kw)
-            copy.load_state_dict(json.loads(json.dumps(c.state_dict())))
+            restored = ctl.Controller(policy, lr, bounds, 2, (1, 8), **kw)
+            restored.load_state_dict(json.loads(json.dumps(c.state_dict())))
             d = c.step(dict(obs))
-            assert copy.step(dict(obs)).as_dict() == d.as_dict()
+            assert restored.step(dict(obs)).as_dict() == d.as_dict()
