@@ -39,7 +39,7 @@ def test_quick_benchmark_writes_table_and_plots(tmp_path):
     assert all(r["cost"] == 1.0 for (m, _), r in rows.items() if m == "rl (1.00x)")
     for png in ("eval_loss.png", "controller_trajectories.png"):
         assert (out / png).stat().st_size > 1000
-    # every run went through accelerate launch train.py and wrote its own files
+    # every run went through train.py and wrote its own files
     assert any((out / d / "metrics.jsonl").exists() for d in os.listdir(out) if d.startswith("rl_"))
 
     # a second invocation reuses the finished runs; an rl run whose logged decisions this controller would not take
