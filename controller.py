@@ -390,7 +390,8 @@ class RL(Off):
         )
 
     def _commit(self, ctl, action="commit", load="", **kw):
-        """The search is over: go on at ctl.lr_scale (from slot `load`, if given) and free every slot."""
+        """The search is over: go on at ctl.lr_scale (from slot `load`, if given) and free every slot (a climb's
+        commit keeps slot "best" through one more segment: the online phase's first decision frees it)."""
         self.phase = "online"
         kw.setdefault("measure", self.mode == "gradient")
         return Decision(
@@ -501,7 +502,11 @@ class RL(Off):
                     measure=True,
                     phase="search",
                 )
-        return self._commit(ctl, load=load)
+        d = self._commit(ctl, load=load)
+        if not load:  # the weights from before the last move stay one segment more, for the safety net: a move's
+            # damage can show a segment late (a warmup or momentum still raising the step)
+            d.drop = tuple(n for n in d.drop if n != "best")
+        return d
 
     # ------------------------------------------------------------ online
     def _online(self, ctl, obs):

@@ -153,7 +153,7 @@ def test_too_low_start_moves_up_without_a_rollback():
     assert up.ramp_from == pytest.approx(10**ctl.FIRST_UP_MAX)  # the lr rises over the next segment's first half
     assert past.action == f"past_x{10**ctl.PAST_STEP:.3g}" and past.save == "best" and not past.load
     assert c.lr_scale == pytest.approx(10 ** (ctl.FIRST_UP_MAX + ctl.UP_MAX + ctl.PAST_STEP))
-    assert decisions[3].action == "commit" and "best" in decisions[3].drop
+    assert decisions[3].action == "commit" and "best" not in decisions[3].drop and "best" in c.slot_kept
     assert spent == kept  # nothing discarded
     assert all(not d.load for d in decisions) and "init" not in c.slot_kept and c.policy.phase == "online"
 
@@ -236,6 +236,21 @@ def test_the_safety_net_rolls_back_once_and_judges_a_move_by_the_loss_before_it(
     c = rl()
     decisions, *_ = run(c, [(4.5, -0.12), (9.0, -0.01), (9.0, -0.01), (9.0, -0.01)])
     assert [d.action for d in decisions[1:]] == ["rollback", "commit", "keep"] and decisions[1].drop == ("best",)
+
+
+def test_a_spike_in_the_segment_after_a_climbs_commit_rolls_back_to_before_the_last_move():
+    """A move's damage can show a segment late (an SGD MLP over 2000 steps: a step past inside its lr warmup, the
+    commit, then the loss at chance level, ln 10, for the rest of the run; no slot was left): the weights from before
+    the last move stay through the segment after the commit, and a spike there rolls back to them, at an lr no higher
+    than the start's (the lr before the move before it). Without a spike the first online decision frees them."""
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.12), (4.0, 0.05), (4.1, 0.05), (4.0 * 1.3, 0.05), (4.2, -0.1)])
+    assert [d.action[:4] for d in decisions] == ["up_x", "past", "comm", "roll", "keep"]
+    assert decisions[3].load == "best" and decisions[3].drop == ("best",) and c.slot_kept == {}
+    assert c.lr_scale == pytest.approx(1.0) and c.policy.climb_off  # no more moves up, even on a reading of too low
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.12), (4.0, 0.05), (4.1, 0.05), (4.0 * 1.2, 0.05)])
+    assert decisions[3].action == "keep" and decisions[3].drop == ("best",) and not decisions[3].load
 
 
 def test_no_step_past_a_move_up_that_the_safety_net_undid():
