@@ -389,14 +389,13 @@ class RL(Off):
             **kw,
         )
 
-    def _commit(self, ctl, action="commit", load="", **kw):
-        """The search is over: go on at ctl.lr_scale (from slot `load`, if given) and free every slot (a climb's
-        commit keeps slot "best" through one more segment: the online phase's first decision frees it)."""
+    def _commit(self, ctl, action="commit", load="", keep=(), **kw):
+        """The search is over: go on at ctl.lr_scale (from slot `load`, if given) and free every slot but `keep` (a
+        climb's commit keeps "best" through one more segment: the online phase's first decision frees it)."""
         self.phase = "online"
         kw.setdefault("measure", self.mode == "gradient")
-        return Decision(
-            ctl.lr_scale, ctl.grad_accum, action=action, load=load, drop=tuple(ctl.slot_kept), phase="search", **kw
-        )
+        drop = tuple(n for n in ctl.slot_kept if n not in keep)
+        return Decision(ctl.lr_scale, ctl.grad_accum, action=action, load=load, drop=drop, phase="search", **kw)
 
     def _undo(self, ctl, obs, old):
         """A move up after which the eval loss rose more than UNDO_RISE above the one before it (the move's reward
@@ -502,11 +501,9 @@ class RL(Off):
                     measure=True,
                     phase="search",
                 )
-        d = self._commit(ctl, load=load)
-        if not load:  # the weights from before the last move stay one segment more, for the safety net: a move's
-            # damage can show a segment late (a warmup or momentum still raising the step)
-            d.drop = tuple(n for n in d.drop if n != "best")
-        return d
+        # the weights from before the last move stay one segment more, for the safety net: a move's damage can show
+        # a segment late (a warmup or momentum still raising the step)
+        return self._commit(ctl, load=load, keep=() if load else ("best",))
 
     # ------------------------------------------------------------ online
     def _online(self, ctl, obs):
