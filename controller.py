@@ -670,8 +670,8 @@ class Controller:
 
         Safety for the guarded policies: a non-finite step in the window or a non-finite eval loss (the loop
         skipped those updates: the weights are intact) multiplies the lr by SAFETY_LR_FACTOR; so does an eval loss
-        more than SPIKE above the one before a move up, right after it, which also rolls back (once) to the weights
-        from before it."""
+        more than SPIKE above the one before a move up, right after it (or in the segment after the commit that ends a
+        climb: slot "best" is still held), which also rolls back (once) to the weights from before it."""
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
         tokens = int(obs.tokens)
         window = tokens - self.last_tokens  # the segment just run
