@@ -442,7 +442,7 @@ def overhead(args):
             "3e-2",
         ]
         res, ck = {}, {}
-        for i, pol in enumerate(["off", "rl", "off", "rl"][: 2 * args.repeats]):  # interleaved against drift
+        for i, pol in enumerate(["off", "rl"] * args.repeats):  # interleaved against drift
             res.setdefault(pol, []).append(run(args, f"overhead_{size}_{pol}_{i // 2}", common + ["--controller", pol]))
             ck.setdefault(pol, measured_checkpoints(os.path.join(args.output_dir, f"overhead_{size}_{pol}_{i // 2}")))
 
@@ -574,6 +574,7 @@ def parse_args():
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: sys.exit(f"benchmark.py: error: {msg}")  # one line, not the usage block
     p.add_argument("--task", default="plays", choices=["plays", "pydocs", "finetune"], help="The built-in task.")
     p.add_argument("--output_dir", default="bench", help="Where runs, the table (results.md) and plots go.")
     p.add_argument("--sweep", default=SWEEP, help="Oracle grid of learning rates (at least 5 for the real benchmark).")
@@ -589,6 +590,11 @@ def parse_args():
     p.add_argument("--throughput", action="store_true", help="Measure train.py's tokens/s against a bare loop instead.")
     p.add_argument("--repeats", type=int, default=2, help="--overhead/--throughput: interleaved repeats.")
     args = p.parse_args(argv)
+    for flag in ("seeds", "jobs", "repeats", "pretrain_steps"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.threads < 0:
+        p.error(f"--threads must be 0 (cores / jobs) or more, got {args.threads}")
     args.passthrough = passthrough
     args.threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
     if args.quick:

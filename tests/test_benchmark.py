@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 
@@ -71,3 +72,16 @@ def test_overhead_measures_a_runs_checkpoints_once_then_deletes_them(tmp_path):
     (run / "step_10").mkdir()
     (run / "step_10" / "model.bin").write_bytes(b"x" * 7)
     assert benchmark.measured_checkpoints(str(run)) == {10: 7}
+
+
+BAD = [["--overhead", "--repeats", "0"], ["--seeds", "0"], ["--threads", "-1"], ["--task", "x"]]
+
+
+@pytest.mark.parametrize("flags", BAD)
+def test_bad_flags_are_refused_in_one_line_before_anything_is_written(tmp_path, flags):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmark.py"), "--output_dir", str(out), *flags]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode != 0 and p.stderr.startswith("benchmark.py: error: ") and flags[-2] in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -8,6 +8,7 @@ import glob
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,6 +48,9 @@ def test_default_data_one_process_zero2(tmp_path):
     p = launch(TINY + ["--output_dir", out, "--with_tracking", "--final_eval_batches", "0"], launcher=True)
     assert "Running training" in p.stdout and "ZeRO-2" in p.stdout
     assert "[controller] step 4" in p.stdout
+    blocks = int(re.search(r"train blocks = (\d+)", p.stdout).group(1))  # the epochs the budget makes: tokens / data
+    tokens, epochs = re.search(r"= ([\d,]+) tokens = ([\d.e+-]+) epochs", p.stdout).groups()
+    assert float(epochs) == float(f"{int(tokens.replace(',', '')) / (blocks * 32):.3g}")
     r = rows(out)
     assert ROW_KEYS <= set(r[0]) and [x["step"] for x in r] == [4, 8, 12, 16]
     res = results(out)
