@@ -4,10 +4,11 @@ mlp_adam (a 10-class Gaussian-mixture classifier, an MLP, Adam), mlp_sgd (the sa
 tests/test_plain_loop.py, with Adam or SGD + momentum 0.9), tfm (a 2-layer causal transformer on the characters of
 Python's own `typing.py`, AdamW with weight decay 0.1). The data are fixed; the seed sets the initialisation.
 
-    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR
+    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|constant]
     python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
 
-One JSON per run in OUT_DIR (final validation loss, tokens spent / budget); runs already there are skipped.
+The schedule: 3% warmup + cosine (default), or a constant lr (no warmup, no decay). One JSON per run in OUT_DIR
+(final validation loss, tokens spent / budget); runs already there are skipped.
 Not used by train.py or the tests.
 """
 
@@ -160,8 +161,11 @@ def transformer():
     return sequences(LM(), data, val, V, T, bs, weight_decay=0.1)
 
 
-def run(task, base_lr, policy, seed, steps):
+def run(task, base_lr, policy, seed, steps, schedule="cosine"):
     model, opt, batch, evaluate, loss_fn, tps = make(task, seed)
+    warmup_cosine = lambda frac: (
+        min(1.0, (steps * frac + 1) / (steps * 0.03 + 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    )
     env = {
         "model": model,
         "opt": opt,
@@ -171,9 +175,7 @@ def run(task, base_lr, policy, seed, steps):
         "evaluate": evaluate,
         "batch": batch,
         "loss_fn": loss_fn,
-        "schedule": lambda frac: (
-            min(1.0, (steps * frac + 1) / (steps * 0.03 + 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        ),
+        "schedule": warmup_cosine if schedule == "cosine" else lambda frac: 1.0,
     }
     code = snippet().replace('"rl"', f'"{policy}"')
     exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, as in tests/test_plain_loop.py
@@ -183,6 +185,9 @@ def run(task, base_lr, policy, seed, steps):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
+    schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
+    if schedule not in ("cosine", "constant"):
+        sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine or constant, got {schedule!r}")
     os.makedirs(out, exist_ok=True)
     for lr in map(float, lrs.split(",")):
         for s in map(int, seeds.split(",")):
@@ -190,7 +195,7 @@ if __name__ == "__main__":
                 f = os.path.join(out, f"{task}_{pol}_{lr:g}_{s}.json")
                 if os.path.exists(f):
                     continue
-                loss, cost = run(task, lr, pol, s, int(steps))
+                loss, cost = run(task, lr, pol, s, int(steps), schedule)
                 with open(f, "w") as fh:
                     json.dump({"task": task, "lr": lr, "policy": pol, "seed": s, "loss": loss, "cost": cost}, fh)
                 print(task, pol, f"{lr:g}", s, round(loss, 5), round(cost, 3), flush=True)
