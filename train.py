@@ -1366,6 +1366,11 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         f"  Controller {args.controller} every {args.controller_interval} steps; rl's search may discard {search}; "
         f"rollback slots: {slots.describe()}"
     )
+    if args.controller == "rl" and (args.lr_scheduler_type.startswith("constant") or args.num_warmup_steps == 0):
+        accelerator.print(
+            "  Note: rl was measured with a warmup and a decaying lr; under a constant lr or without a warmup it kept "
+            "too-high lrs and ended worse than --controller off (docs/experiments/README.md, 'A constant lr schedule')"
+        )
 
 
 def prepare_output_dir(args, accelerator):

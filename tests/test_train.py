@@ -47,7 +47,7 @@ def test_default_data_one_process_zero2(tmp_path):
     out = str(tmp_path / "run")
     p = launch(TINY + ["--output_dir", out, "--with_tracking", "--final_eval_batches", "0"], launcher=True)
     assert "Running training" in p.stdout and "ZeRO-2" in p.stdout
-    assert "[controller] step 4" in p.stdout
+    assert "[controller] step 4" in p.stdout and "Note: rl was measured" not in p.stdout  # warmup + cosine
     blocks = int(re.search(r"train blocks = (\d+)", p.stdout).group(1))  # the epochs the budget makes: tokens / data
     tokens, epochs = re.search(r"= ([\d,]+) tokens = ([\d.e+-]+) epochs", p.stdout).groups()
     assert float(epochs) == float(f"{int(tokens.replace(',', '')) / (blocks * 32):.3g}")
@@ -184,6 +184,12 @@ def test_checkpoints_store_each_slot_once(tmp_path):
         if sum(1 for s, t in tables.items() if k[0] in t and t[k[0]]["weights_id"] == k[1]) > 1
     ]
     assert shared  # at least one slot sat in several checkpoints, as one file
+
+
+@pytest.mark.parametrize("flags", [["--lr_scheduler_type", "constant"], ["--num_warmup_steps", "0"]])
+def test_rl_without_warmup_or_decay_says_it_was_not_measured_there(tmp_path, flags):
+    p = launch(TINY + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "4", *flags])
+    assert "Note: rl was measured with a warmup and a decaying lr" in p.stdout
 
 
 def test_local_model_directory_and_json_files(tmp_path):
