@@ -161,11 +161,17 @@ def transformer():
     return sequences(LM(), data, val, V, T, bs, weight_decay=0.1)
 
 
-def run(task, base_lr, policy, seed, steps, schedule="cosine"):
-    model, opt, batch, evaluate, loss_fn, tps = make(task, seed)
-    warmup_cosine = lambda frac: (
+def schedule_fn(kind, steps):
+    """The loop's lr factor at share `frac` of a `steps`-step run: 3% warmup + cosine, or constant (no warmup)."""
+    if kind == "constant":
+        return lambda frac: 1.0
+    return lambda frac: (
         min(1.0, (steps * frac + 1) / (steps * 0.03 + 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     )
+
+
+def run(task, base_lr, policy, seed, steps, schedule="cosine"):
+    model, opt, batch, evaluate, loss_fn, tps = make(task, seed)
     env = {
         "model": model,
         "opt": opt,
@@ -175,7 +181,7 @@ def run(task, base_lr, policy, seed, steps, schedule="cosine"):
         "evaluate": evaluate,
         "batch": batch,
         "loss_fn": loss_fn,
-        "schedule": warmup_cosine if schedule == "cosine" else lambda frac: 1.0,
+        "schedule": schedule_fn(schedule, steps),
     }
     code = snippet().replace('"rl"', f'"{policy}"')
     exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, as in tests/test_plain_loop.py

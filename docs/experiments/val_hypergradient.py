@@ -1,5 +1,5 @@
 """The hypergradient of the training gradient (what GradientProbe reads) beside that of the validation gradient, on a
-plain loop of plain_tasks.py at a constant base lr (warmup + cosine, no controller): per 20-step window, the cosine of
+plain loop of plain_tasks.py at a fixed base lr (its warmup + cosine, no controller): per 20-step window, the cosine of
 sum g.u_{t-1} with g the batch's gradient, and with g the gradient of the whole validation set at the same weights.
 
     python docs/experiments/val_hypergradient.py mlp_sgd 0.003 2000 0
@@ -22,10 +22,7 @@ model, opt, batch, evaluate, loss_fn, _ = plain_tasks.make(task, seed)
 closure = dict(zip(evaluate.__code__.co_freevars, (c.cell_contents for c in evaluate.__closure__)))
 xv, yv = closure["xv"], closure["yv"]  # the validation set evaluate() uses
 params = list(model.parameters())
-
-
-def schedule(frac):  # plain_tasks.run's: 3% warmup, cosine
-    return min(1.0, (steps * frac + 1) / (steps * 0.03 + 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+schedule = plain_tasks.schedule_fn("cosine", steps)  # plain_tasks.run's: 3% warmup + cosine
 
 
 def flat_grad():
