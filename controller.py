@@ -9,7 +9,8 @@ shows one). The loop runs one segment of optimizer steps at a time and asks:
         lr = base_lr * schedule(kept_tokens) * d.lr_at(i, n)   # the controller's multiplier
         ... d.grad_accum micro-batches, backward, optimizer step
     d = ctrl.step(Observation(tokens=tokens_spent, eval_loss=evaluate, progress=kept_tokens / budget,
-                              hypergradient=h))      # h over the segment's second half when d.measure, else None
+                              hypergradient=h,       # h over the segment's second half when d.measure, else None
+                              schedule=schedule(kept_tokens)))  # the loop's own factor (rl: a flat one is cooled)
 
 until kept_tokens reaches ctrl.history_budget() (the budget, less what a restart discarded beyond the search budget;
 schedule() ends there too), and applies each decision's slots: d.save (weights + optimizer state + data position
@@ -147,6 +148,9 @@ class Observation:
     # over the second half of the segment, when the decision asked for it (d.measure): the cosine of the gradient
     # g_t and the previous update u_{t-1}; < 0 means a larger lr would have lowered the loss
     hypergradient: float = None
+    # the loop's own lr factor (its schedule, without the controller's multiplier) at the segment's end; None: not
+    # passed (then rl adds no final cooldown: it cannot tell whether the schedule already decays)
+    schedule: float = None
 
 
 @dataclasses.dataclass
@@ -156,6 +160,7 @@ class Decision:
     steps: int = 0  # optimizer steps in the next segment (0: the loop's interval)
     ramp_from: float = -1.0  # >= 0: the multiplier rises linearly from this to lr_scale over the first half
     cool: bool = False  # a cooldown: the multiplier falls linearly from lr_scale towards 0 over the segment
+    fall_to: float = -1.0  # >= 0: the multiplier falls linearly from lr_scale to this, reached after the segment
     action: str = "keep"
     reward: float = 0.0
     save: str = ""  # save weights + optimizer state + data position under this slot name ("" = no)
@@ -169,6 +174,8 @@ class Decision:
         """The lr multiplier at step i (0-based) of an n-step segment."""
         if self.cool:
             return self.lr_scale * (1 - (i + 1) / (n + 1))
+        if self.fall_to >= 0:
+            return self.lr_scale + (self.fall_to - self.lr_scale) * i / n
         if self.ramp_from >= 0 and i < n // 2:
             return self.ramp_from + (self.lr_scale - self.ramp_from) * (i + 1) / (n // 2)
         return self.lr_scale
@@ -219,6 +226,14 @@ PAST_STEP = 0.25  # decades up past the point where a climb ends
 UNDO_RISE = 0.05  # a move up after which the eval loss rose this much (relative) is undone, and the climb ends;
 # the lr goes back to where it was before the previous move up too (the readings that took it up ran high)
 ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
+# the final cooldown: when the loop's own schedule (Observation.schedule) is flat at the end (a constant lr, a warmup +
+# constant, a step schedule between its steps), the multiplier falls linearly over the last FINAL_COOL of the run, to
+# 0 (to the lr's lower bound); a constant lr then a linear cooldown of 20% matches a cosine (Hagele et al. 2024). A
+# schedule that falls by more than FALLING from one decision to the next is left alone (a cosine or linear decay
+# already ends low: a second decay on top of a cosine cost 0.1-0.5% on six plain loops); one that starts to fall
+# during the cooldown holds the multiplier where it is.
+FINAL_COOL = 0.2
+FALLING = 0.01
 # without gradient statistics: trials of an lr from one saved point, on identical batches, each ended by a short
 # cooldown and compared by the cooled eval loss (a cooldown removes the noise a too-high lr hides behind)
 COOL_FRAC = 0.4  # a cooldown's length, as a share of the interval (at least 2 steps)
@@ -319,7 +334,8 @@ class RL(Off):
     REINFORCE updates with the trial's outcome (+1 when it becomes the best, -1 otherwise).
 
     Online: the climb goes on through the first ONLINE_UNTIL of the run; the safety net (Controller.step) undoes a
-    move up that the next evaluation punishes."""
+    move up that the next evaluation punishes. When the loop's schedule is flat at the end, the last FINAL_COOL of the
+    run is a linear cooldown of the multiplier."""
 
     def __init__(self):
         self.phase = "search"
@@ -333,6 +349,8 @@ class RL(Off):
         self.first, self.trial, self.trial_scale = None, None, None
         self.trials, self.segment = [], "trial"  # the trial search's state
         self.direction_pref, self.last_direction = [0.0, 0.0], None  # its logits of [down, up]
+        self.schedule_seen = None  # the loop's schedule factor at the previous decision
+        self.cool_m = None  # in the final cooldown: the multiplier's factor at the next segment's start
 
     @property
     def guarded(self):  # the safety net applies to the online phase and to the climb
@@ -513,6 +531,9 @@ class RL(Off):
         self.history += 1
         h = obs.hypergradient
         drop = ("best",) if "best" in ctl.slot_kept else ()
+        cool = self._final_cooldown(ctl, obs, drop)
+        if cool:
+            return cool
         measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL and not self.climb_off
         if measure and reads_too_low(h):
             old = ctl.lr_scale
@@ -530,6 +551,35 @@ class RL(Off):
                     phase="online",
                 )
         return Decision(ctl.lr_scale, ctl.grad_accum, action="keep", drop=drop, measure=measure, phase="online")
+
+    def _final_cooldown(self, ctl, obs, drop):
+        """The last FINAL_COOL of the run: the multiplier falls linearly to 0 at the end of the weights' history, in
+        segments of at most the interval (each evaluated as usual), while the loop's own schedule is flat; it holds
+        while the schedule falls. None: not (yet) in the cooldown."""
+        s, prev, self.schedule_seen = obs.schedule, self.schedule_seen, obs.schedule
+        if s is None or not ctl.budget_tokens:
+            return None
+        end, step = ctl.history_budget(), ctl.steps_tokens(1) * ctl.grad_accum / ctl.ref_accum
+        left = end - ctl.kept
+        if not step or left <= 0 or (self.cool_m is None and left > FINAL_COOL * end + 1e-9):
+            return None
+        falling = prev is not None and s < prev * (1 - FALLING)
+        if self.cool_m is None:
+            if falling:  # the loop decays on its own: no cooldown from the controller
+                return None
+            self.cool_m = 1.0
+        steps = min(ctl.interval, max(1, math.ceil(left / step - 1e-9)))
+        start = self.cool_m or 1 / steps  # (0: the loop ran past the end the steps' tokens predicted: a last step)
+        self.cool_m = start if falling else start * max(0.0, left - steps * step) / left
+        return Decision(
+            ctl.clip(ctl.lr_scale * start),  # (never below the lr's lower bound)
+            ctl.grad_accum,
+            steps=0 if steps == ctl.interval else steps,
+            fall_to=ctl.clip(ctl.lr_scale * self.cool_m),
+            action="final_cooldown_hold" if falling else "final_cooldown",
+            drop=drop,
+            phase="online",
+        )
 
     # ------------------------------------------------------------ search by trials
     def _trial_search(self, ctl, obs, nonfinite):

@@ -1218,6 +1218,7 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
             "tokens": state.tokens_spent,
             "progress": state.model_tokens / state.budget,
             "nonfinite_steps": state.nonfinite_steps,
+            "schedule": schedule(args.lr_scheduler_type, state.model_tokens, warmup_tokens, state.end),
         }
 
         # ---- too many non-finite steps in a row: act now, not at the next decision
@@ -1366,10 +1367,13 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         f"  Controller {args.controller} every {args.controller_interval} steps; rl's search may discard {search}; "
         f"rollback slots: {slots.describe()}"
     )
-    if args.controller == "rl" and (args.lr_scheduler_type.startswith("constant") or args.num_warmup_steps == 0):
+    if args.controller == "rl" and args.lr_scheduler_type.startswith("constant"):
+        cool = f"{ctl.FINAL_COOL:.0%}"
+        accelerator.print(f"  The schedule does not decay: rl cools the lr down over the last {cool} of the run")
+    if args.controller == "rl" and (args.lr_scheduler_type == "constant" or args.num_warmup_steps == 0):
         accelerator.print(
-            "  Note: rl was measured with a warmup and a decaying lr; under a constant lr or without a warmup it kept "
-            "too-high lrs and ended worse than --controller off (docs/experiments/README.md, 'A constant lr schedule')"
+            "  Note: rl was measured with a warmup; without one it kept a 3x too-high start and ended worse than "
+            "--controller off (docs/experiments/README.md, 'A constant lr schedule')"
         )
 
 

@@ -4,6 +4,7 @@ observation sequences (fast, no torch).
 Run: python -m pytest -q tests/test_controller.py
 """
 
+import dataclasses
 import json
 import math
 import random
@@ -97,6 +98,8 @@ def test_decision_lr_shapes():
     assert [cool.lr_at(i, 3) for i in range(3)] == pytest.approx([1.5, 1.0, 0.5])  # down towards 0
     ramp = ctl.Decision(4.0, 1, ramp_from=1.0)
     assert [ramp.lr_at(i, 4) for i in range(4)] == pytest.approx([2.5, 4.0, 4.0, 4.0])  # up over the first half
+    fall = ctl.Decision(2.0, 1, fall_to=1.0)
+    assert [fall.lr_at(i, 4) for i in range(4)] == pytest.approx([2.0, 1.75, 1.5, 1.25])  # 1.0 at the next step
 
 
 # ---------------------------------------------------------------- the rl search, on scripted observations
@@ -492,6 +495,48 @@ def test_online_the_climb_goes_on_while_the_reading_says_too_low():
     assert decisions[4].action == "keep" and "best" in decisions[4].drop and spent == kept
 
 
+def whole_run(schedule, steps=100, h=0.0):
+    """A whole run at a good start (h = 0 commits at once), the loop's schedule factor passed at every decision
+    (schedule=None: not passed); returns the controller's multiplier at every step, and the decisions' actions."""
+    c = rl(budget_steps=steps)
+    d, kept, multiplier, actions = c.start(6.0), 0, [], []
+    while kept < steps:
+        n = d.steps or INTERVAL
+        for i in range(min(n, steps - kept)):
+            multiplier.append(d.lr_at(i, n))
+            kept += 1
+        s = None if schedule is None else schedule(kept / steps)
+        obs = ctl.Observation(tokens=kept * TPS, eval_loss=3.0 - kept * 1e-3, progress=kept / steps, hypergradient=h)
+        d = c.step(dataclasses.replace(obs, schedule=s))
+        actions.append(d.action)
+    return multiplier, actions
+
+
+def test_a_flat_schedule_gets_a_final_linear_cooldown_to_zero():
+    """A constant lr: the last FINAL_COOL of the run (20 of 100 steps) falls linearly from the committed lr towards 0,
+    one step at a time across segments, none of it at 0; before that the multiplier is untouched."""
+    multiplier, actions = whole_run(lambda p: 1.0)
+    assert multiplier[:80] == [1.0] * 80
+    assert multiplier[80:] == pytest.approx([(20 - k) / 20 for k in range(20)], abs=1e-3)  # (floor: the lr bound 1e-3)
+    assert actions.count("final_cooldown") == 2 and "final_cooldown" not in actions[:7]
+
+
+def test_a_decaying_schedule_or_none_gets_no_final_cooldown():
+    """A cosine (falling at 80% of the run) is left alone, as is a loop that does not pass its schedule: the same
+    multipliers as before the cooldown existed."""
+    cosine, actions = whole_run(lambda p: 0.5 * (1 + math.cos(math.pi * p)))
+    assert cosine == [1.0] * 100 and not any(a.startswith("final") for a in actions)
+    assert whole_run(None)[0] == [1.0] * 100
+
+
+def test_the_final_cooldown_holds_while_the_loops_own_schedule_falls():
+    """A step schedule that drops at 85%: the cooldown starts at 80% (flat there), then holds its multiplier while
+    the loop's own factor falls."""
+    multiplier, actions = whole_run(lambda p: 1.0 if p < 0.85 else 0.1)
+    assert multiplier[80:90] == pytest.approx([(20 - k) / 20 for k in range(10)])
+    assert multiplier[90:] == pytest.approx([0.5] * 10) and "final_cooldown_hold" in actions
+
+
 def test_plateau_halves_lr_after_patience():
     c = make("plateau")
     c.start()
@@ -548,6 +593,7 @@ def test_random_observation_sequences_give_valid_decisions(policy):
             h = r.choice([None, r.uniform(-0.5, 0.5), r.uniform(-0.5, 0), -ctl.LOW_H, 0.0]) if d.measure else None
             obs = {"tokens": tokens, "eval_loss": loss, "progress": i / 150, "hypergradient": h}
             obs["nonfinite_steps"] = nonfinite
+            obs["schedule"] = r.choice([None, 1.0, 1.0, 1 - i / 150, r.random()])  # flat, falling, noisy, not passed
             restored = ctl.Controller(policy, lr, bounds, 2, (1, 8), **kw)
             restored.load_state_dict(json.loads(json.dumps(c.state_dict())))
             d = c.step(dict(obs))

@@ -23,7 +23,11 @@ def readme_snippet():
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def run(base_lr, policy, seed=0, steps=1000):
+def cosine(steps):
+    return lambda frac: min(1.0, (steps * frac + 1) / 31) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def run(base_lr, policy, seed=0, steps=1000, schedule=None, env=None):
     torch.manual_seed(seed)
     x, w = torch.randn(4096, 16), torch.randn(16, 1)
     y = torch.sin(x @ w) + 0.1 * torch.randn(4096, 1)
@@ -38,7 +42,8 @@ def run(base_lr, policy, seed=0, steps=1000):
         with torch.no_grad():
             return torch.nn.functional.mse_loss(model(xv), yv).item()
 
-    env = {
+    env = env if env is not None else {}
+    env |= {
         "model": model,
         "opt": torch.optim.Adam(model.parameters(), lr=base_lr),
         "base_lr": base_lr,
@@ -47,7 +52,7 @@ def run(base_lr, policy, seed=0, steps=1000):
         "evaluate": evaluate,
         "batch": lambda pos: (model(x[order[pos * 32 : (pos + 1) * 32]]), y[order[pos * 32 : (pos + 1) * 32]]),
         "loss_fn": torch.nn.functional.mse_loss,
-        "schedule": lambda frac: min(1.0, (steps * frac + 1) / 31) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))),
+        "schedule": schedule or cosine(steps),
     }
     code = readme_snippet().replace('"rl"', f'"{policy}"')
     exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, run as the user would
@@ -79,6 +84,17 @@ def test_a_short_run_from_a_too_low_start_spends_exactly_its_budget():
 def test_a_start_10x_too_high_is_rescued(off):
     loss, spent = run(BEST_LR * 10, "rl")
     assert loss < off[BEST_LR * 10] / 5 and spent <= 1000 * 1.1, (loss, off)
+
+
+def test_a_flat_schedule_ends_in_the_controllers_cooldown():
+    """The snippet passes its schedule's factor: under a constant lr the controller's multiplier falls over the last
+    20% (the last step's lr is below a tenth of the committed one); under the cosine it adds no cooldown."""
+    flat, cos = {}, {}
+    run(BEST_LR, "rl", steps=250, schedule=lambda frac: 1.0, env=flat)
+    run(BEST_LR, "rl", steps=250, env=cos)
+    committed = BEST_LR * flat["c"].lr_scale
+    assert 0 < flat["opt"].param_groups[0]["lr"] < committed / 10 and flat["c"].policy.cool_m == 0
+    assert cos["c"].policy.cool_m is None
 
 
 @pytest.mark.parametrize("chunk", [1 << 16, 7])

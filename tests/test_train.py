@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -48,11 +49,13 @@ def test_default_data_one_process_zero2(tmp_path):
     p = launch(TINY + ["--output_dir", out, "--with_tracking", "--final_eval_batches", "0"], launcher=True)
     assert "Running training" in p.stdout and "ZeRO-2" in p.stdout
     assert "[controller] step 4" in p.stdout and "Note: rl was measured" not in p.stdout  # warmup + cosine
+    assert "rl cools" not in p.stdout
     blocks = int(re.search(r"train blocks = (\d+)", p.stdout).group(1))  # the epochs the budget makes: tokens / data
     tokens, epochs = re.search(r"= ([\d,]+) tokens = ([\d.e+-]+) epochs", p.stdout).groups()
     assert float(epochs) == float(f"{int(tokens.replace(',', '')) / (blocks * 32):.3g}")
     r = rows(out)
     assert ROW_KEYS <= set(r[0]) and [x["step"] for x in r] == [4, 8, 12, 16]
+    assert not any(str(x.get("controller/action")).startswith("final") for x in r)  # a cosine: no final cooldown
     res = results(out)
     assert RESULT_KEYS <= set(res) and res["final_eval_batches"] == "all"
     assert res["zero_stage"] == 2 and res["num_processes"] == 1
@@ -187,9 +190,33 @@ def test_checkpoints_store_each_slot_once(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--lr_scheduler_type", "constant"], ["--num_warmup_steps", "0"]])
-def test_rl_without_warmup_or_decay_says_it_was_not_measured_there(tmp_path, flags):
+def test_rl_without_warmup_says_it_was_not_measured_there(tmp_path, flags):
     p = launch(TINY + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "4", *flags])
-    assert "Note: rl was measured with a warmup and a decaying lr" in p.stdout
+    assert "Note: rl was measured with a warmup;" in p.stdout
+    assert ("rl cools the lr down over the last 20%" in p.stdout) == (flags[0] == "--lr_scheduler_type")
+
+
+def test_rl_cools_a_flat_schedule_down_at_the_end(tmp_path):
+    """train.py passes its schedule's factor to the controller: under a constant lr (after a warmup) the last 20% of
+    the run is the controller's linear cooldown, to about a quarter of the lr at the last of 4 steps; the cosine of
+    the default run's gets none (test_default_data_one_process_zero2). A resume inside the cooldown ends the same."""
+    out = str(tmp_path / "run")
+    flags = ["--max_train_steps", "20", "--lr_scheduler_type", "constant_with_warmup", "--num_warmup_steps", "2"]
+    flags += ["--learning_rate", "1e-3", "--max_lr", "1e-3"]  # no move up: online from step 4 (the tiny model climbs)
+    flags += ["--checkpointing_steps", "4", "--save_total_limit", "2"]
+    p = launch(TINY + ["--output_dir", out, *flags])
+    assert "rl cools the lr down over the last 20%" in p.stdout and "Note: rl was measured" not in p.stdout
+    r = [x for x in rows(out) if "lr" in x]
+    cool = [x for x in r if x.get("controller/action") == "final_cooldown"]
+    assert len(cool) == 1 and cool[0]["step"] == 16, [(x["step"], x.get("controller/action")) for x in r]
+    committed = cool[0]["lr"]  # the lr of step 16, before the cooldown
+    floor = 1e-3 / 100 / committed  # the multiplier's floor: the default --min_lr, learning_rate / 100
+    assert r[-1]["step"] == 20 and r[-1]["lr"] == pytest.approx(committed * (1 + (floor - 1) * 3 / 4))
+    # a resume inside the cooldown (from step 16, after its decision) ends where the uninterrupted run did
+    ref = results(out)["eval_loss"]
+    shutil.rmtree(os.path.join(out, "step_20"))
+    p = launch(TINY + ["--output_dir", out, *flags, "--resume_from_checkpoint", "latest"])
+    assert "step_16" in p.stdout and results(out)["eval_loss"] == pytest.approx(ref, rel=1e-6)
 
 
 def test_local_model_directory_and_json_files(tmp_path):

@@ -4,10 +4,11 @@ mlp_adam (a 10-class Gaussian-mixture classifier, an MLP, Adam), mlp_sgd (the sa
 tests/test_plain_loop.py, with Adam or SGD + momentum 0.9), tfm (a 2-layer causal transformer on the characters of
 Python's own `typing.py`, AdamW with weight decay 0.1). The data are fixed; the seed sets the initialisation.
 
-    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|constant]
+    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|constant|wsd]
     python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
 
-The schedule: 3% warmup + cosine (default), or a constant lr (no warmup, no decay). One JSON per run in OUT_DIR
+The schedule: 3% warmup + cosine (default), a constant lr (no warmup, no decay), or wsd (a constant lr, then a linear
+decay to 0 over the last 20%: the cooldown rl adds to a flat schedule, done by the loop). One JSON per run in OUT_DIR
 (final validation loss, tokens spent / budget); runs already there are skipped.
 Not used by train.py or the tests.
 """
@@ -162,9 +163,11 @@ def transformer():
 
 
 def schedule_fn(kind, steps):
-    """The loop's lr factor at share `frac` of a `steps`-step run: 3% warmup + cosine, or constant (no warmup)."""
+    """The loop's lr factor at share `frac` of a `steps`-step run: 3% warmup + cosine, constant, or wsd (above)."""
     if kind == "constant":
         return lambda frac: 1.0
+    if kind == "wsd":
+        return lambda frac: min(1.0, (1 - frac) / 0.2)
     return lambda frac: (
         min(1.0, (steps * frac + 1) / (steps * 0.03 + 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     )
@@ -192,8 +195,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
     schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
-    if schedule not in ("cosine", "constant"):
-        sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine or constant, got {schedule!r}")
+    if schedule not in ("cosine", "constant", "wsd"):
+        sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, constant or wsd, got {schedule!r}")
     os.makedirs(out, exist_ok=True)
     for lr in map(float, lrs.split(",")):
         for s in map(int, seeds.split(",")):
