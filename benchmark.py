@@ -159,12 +159,16 @@ def replays(flags, res, rows):
         raise LookupError
 
     c.start(None)
+    warmup = args.num_warmup_steps * step_tokens
     for r in (r for r in rows if "controller/action" in r):
+        state = train.TrainState(budget, args.search_in_budget, args.search_budget, 1, args.learning_rate, {})
+        state.tokens_spent, state.model_tokens = r["tokens_seen"], r["tokens_kept"]  # (the schedule's end)
         obs = ctl.Observation(
             tokens=r["tokens_seen"],
             eval_loss=r.get("eval_loss", unread),
             progress=r["tokens_kept"] / budget,
             hypergradient=r.get("hypergradient"),
+            schedule=train.schedule(args.lr_scheduler_type, r["tokens_kept"], warmup, state.end),
         )
         try:
             got = c.step(obs).as_dict()

@@ -12,10 +12,11 @@ shows one). The loop runs one segment of optimizer steps at a time and asks:
                               hypergradient=h,       # h over the segment's second half when d.measure, else None
                               schedule=schedule(kept_tokens)))  # the loop's own factor (rl: a flat one is cooled)
 
-until kept_tokens reaches ctrl.history_budget() (the budget, less what a restart discarded beyond the search budget;
-schedule() ends there too), and applies each decision's slots: d.save (weights + optimizer state + data position
-under a name), then d.load (a rollback to a slot), then d.drop (free the slots no longer needed). eval_loss is the
-validation loss or the function that evaluates it, called only if the decision reads the loss (an evaluation saved).
+until kept_tokens reaches ctrl.history_budget() (the budget, less what a restart discarded beyond the search budget, or
+all that was discarded with Controller(search_in_budget=True); schedule() ends there too), and applies each decision's
+slots: d.save (weights + optimizer state + data position under a name), then d.load (a rollback to a slot), then d.drop
+(free the slots no longer needed). eval_loss is the validation loss or the function that evaluates it, called only if
+the decision reads the loss (an evaluation saved).
 
 The design's loop (state -> action -> reward -> policy update, once per segment):
   state   eval loss, progress, the hypergradient (is a larger lr better right now?), the trials so far
@@ -662,6 +663,7 @@ class Controller:
     patience: stop after this many decisions without a new best eval loss (None: never).
     tokens_per_step: the tokens of one optimizer step at the starting batch, if known before the first segment
     (then a short run's first segment and trials are shortened until one trial fits the search budget).
+    search_in_budget: the loop counts discarded tokens inside budget_tokens (its history ends that much earlier).
     """
 
     def __init__(
@@ -677,6 +679,7 @@ class Controller:
         seed=0,
         patience=None,
         tokens_per_step=None,
+        search_in_budget=False,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -687,6 +690,7 @@ class Controller:
         self.ref_accum = grad_accum  # the starting accumulation: the reward's reference window
         self.lr_scale, self.grad_accum = 1.0, grad_accum
         self.budget_tokens, self.search_budget = budget_tokens, search_budget
+        self.search_in_budget = search_in_budget  # discarded tokens come off the history's end (history_budget)
         # a trial's length (the first segment's too: they are compared) and a cooldown's
         self.trial_steps, limit = interval, math.inf
         if budget_tokens and tokens_per_step:
@@ -802,9 +806,9 @@ class Controller:
     def history_budget(self):
         """The tokens the final weights' history may hold: budget_tokens, less what the search discarded beyond
         search_budget (only a restart when both lrs are too high does: by at most one trial segment), so that the
-        run never spends more than (1 + search_budget) * budget_tokens. A loop stops there and ends its schedule
-        there."""
-        over = self.spent - self.kept - self.search_budget * self.budget_tokens
+        run never spends more than (1 + search_budget) * budget_tokens; with search_in_budget, less everything it
+        discarded (the run spends budget_tokens). A loop stops there and ends its schedule there."""
+        over = self.spent - self.kept - (0 if self.search_in_budget else self.search_budget * self.budget_tokens)
         return self.budget_tokens - max(0, over) if self.budget_tokens else self.budget_tokens
 
     def clip(self, scale):

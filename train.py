@@ -1347,6 +1347,7 @@ def make_controller(args, lr, budget_tokens, tokens_per_step=None):
         seed=args.controller_seed,
         patience=args.controller_patience,
         tokens_per_step=tokens_per_step,
+        search_in_budget=args.search_in_budget,
     )
 
 

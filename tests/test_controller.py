@@ -396,6 +396,21 @@ def test_a_down_trial_that_ties_means_both_too_high_and_restarts_further_down():
         assert c.history_budget() == pytest.approx(c.budget_tokens - max(0, discarded - allowed))
         assert c.history_budget() + spent - kept <= (1 + search_budget) * c.budget_tokens + 1e-6
     assert c.history_budget() < c.budget_tokens  # (250 steps: 28 discarded, 25 allowed)
+    # counted inside the budget (--search_in_budget), everything discarded comes off the history: the run spends
+    # exactly the budget, and a flat schedule's final cooldown ends where the history does
+    c = ctl.Controller(
+        "rl", 1e-3, (1e-6, 1.0), 1, (1, 4), budget_tokens=400 * TPS, interval=INTERVAL, search_in_budget=True
+    )
+    decisions, spent, kept = run(c, [(3.3, 0.02), (3.3, None), (3.3, 0.015), (3.3 * 1.005, None), (3.5, -0.2)])
+    assert spent - kept > 0 and c.history_budget() == c.budget_tokens - (spent - kept)
+    d, multiplier, end = decisions[-1], [], c.budget_tokens - (spent - kept)  # the loop's own accounting
+    while c.kept < end:  # on to the end under a constant lr: the cooldown reaches its floor there
+        n = d.steps or INTERVAL
+        steps = min(n, (end - c.kept) // TPS)
+        multiplier += [d.lr_at(i, n) / c.lr_scale for i in range(steps)]
+        spent += steps * TPS
+        d = c.step(ctl.Observation(tokens=spent, eval_loss=3.0, hypergradient=0.0, schedule=1.0))
+    assert c.kept == end and max(multiplier) == 1.0 and multiplier[-1] < 0.05  # (unaware of it: 0.35)
 
 
 def test_a_down_trial_that_wins_but_still_reads_too_high_means_both_too_high():
