@@ -160,8 +160,8 @@ def replays(flags, res, rows):
 
     c.start(None)
     warmup = args.num_warmup_steps * step_tokens
+    state = train.TrainState(budget, args.search_in_budget, args.search_budget, 1, args.learning_rate, {})  # its .end
     for r in (r for r in rows if "controller/action" in r):
-        state = train.TrainState(budget, args.search_in_budget, args.search_budget, 1, args.learning_rate, {})
         state.tokens_spent, state.model_tokens = r["tokens_seen"], r["tokens_kept"]  # (the schedule's end)
         obs = ctl.Observation(
             tokens=r["tokens_seen"],
