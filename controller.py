@@ -230,11 +230,13 @@ ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
 # the final cooldown: when the loop's own schedule (Observation.schedule) is flat at the end (a constant lr, a warmup +
 # constant, a step schedule between its steps), the multiplier falls linearly over the last FINAL_COOL of the run, to
 # 0 (to the lr's lower bound); a constant lr then a linear cooldown of 20% matches a cosine (Hagele et al. 2024). A
-# schedule that falls by more than FALLING from one decision to the next is left alone (a cosine or linear decay
-# already ends low: a second decay on top of a cosine cost 0.1-0.5% on six plain loops); one that starts to fall
-# during the cooldown holds the multiplier where it is.
+# schedule that falls, between two decisions, faster than FALLING of its value per run (its relative fall over the
+# share of the run between them: a cosine at 80% of the run falls at 9.7, a linear decay at 5) is left alone (a cosine
+# or linear decay already ends low: a second decay on top of a cosine cost 0.1-0.5% on six plain loops); one that
+# starts to fall during the cooldown holds the multiplier where it is. The cooldown starts at 80% of the run: the
+# segment that would cross it ends there.
 FINAL_COOL = 0.2
-FALLING = 0.01
+FALLING = 0.5
 # without gradient statistics: trials of an lr from one saved point, on identical batches, each ended by a short
 # cooldown and compared by the cooled eval loss (a cooldown removes the noise a too-high lr hides behind)
 COOL_FRAC = 0.4  # a cooldown's length, as a share of the interval (at least 2 steps)
@@ -351,6 +353,7 @@ class RL(Off):
         self.trials, self.segment = [], "trial"  # the trial search's state
         self.direction_pref, self.last_direction = [0.0, 0.0], None  # its logits of [down, up]
         self.schedule_seen = None  # the loop's schedule factor at the previous decision
+        self.schedule_kept = 0  # and the weights' history then (tokens)
         self.cool_m = None  # in the final cooldown: the multiplier's factor at the next segment's start
 
     @property
@@ -532,7 +535,7 @@ class RL(Off):
         self.history += 1
         h = obs.hypergradient
         drop = ("best",) if "best" in ctl.slot_kept else ()
-        cool = self._final_cooldown(ctl, obs, drop)
+        cool, steps = self._final_cooldown(ctl, obs, drop)
         if cool:
             return cool
         measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL and not self.climb_off
@@ -545,29 +548,37 @@ class RL(Off):
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
+                    steps=steps,
                     ramp_from=old,
                     action=f"up_x{ctl.lr_scale / old:.3g}",
                     save="best",
                     measure=True,
                     phase="online",
                 )
-        return Decision(ctl.lr_scale, ctl.grad_accum, action="keep", drop=drop, measure=measure, phase="online")
+        return Decision(
+            ctl.lr_scale, ctl.grad_accum, steps=steps, action="keep", drop=drop, measure=measure, phase="online"
+        )
 
     def _final_cooldown(self, ctl, obs, drop):
         """The last FINAL_COOL of the run: the multiplier falls linearly to 0 at the end of the weights' history, in
         segments of at most the interval (each evaluated as usual), while the loop's own schedule is flat; it holds
-        while the schedule falls. None: not (yet) in the cooldown."""
+        while the schedule falls. Returns (the decision, 0) in the cooldown, else (None, steps): the next segment's
+        length when a flat schedule's cooldown starts within the interval (it ends there), 0 (the interval) if not."""
         s, prev, self.schedule_seen = obs.schedule, self.schedule_seen, obs.schedule
+        since, self.schedule_kept = ctl.kept - self.schedule_kept, ctl.kept
         if s is None or not ctl.budget_tokens:
-            return None
+            return None, 0
         end, step = ctl.history_budget(), ctl.steps_tokens(1) * ctl.grad_accum / ctl.ref_accum
         left = end - ctl.kept
-        if not step or left <= 0 or (self.cool_m is None and left > FINAL_COOL * end + 1e-9):
-            return None
-        falling = prev is not None and s < prev * (1 - FALLING)
+        falling = prev is not None and s < prev * (1 - FALLING * max(0, since) / end)
+        if not step or left <= 0:
+            return None, 0
+        if self.cool_m is None and left > FINAL_COOL * end + 1e-9:  # the steps to the cooldown's start
+            to_cool = max(1, math.ceil((left - FINAL_COOL * end) / step - 1e-9))
+            return None, to_cool if to_cool < ctl.interval and not falling else 0
         if self.cool_m is None:
             if falling:  # the loop decays on its own: no cooldown from the controller
-                return None
+                return None, 0
             self.cool_m = 1.0
         steps = min(ctl.interval, max(1, math.ceil(left / step - 1e-9)))
         start = self.cool_m or 1 / steps  # (0: the loop ran past the end the steps' tokens predicted: a last step)
@@ -580,7 +591,7 @@ class RL(Off):
             action="final_cooldown_hold" if falling else "final_cooldown",
             drop=drop,
             phase="online",
-        )
+        ), 0
 
     # ------------------------------------------------------------ search by trials
     def _trial_search(self, ctl, obs, nonfinite):

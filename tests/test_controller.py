@@ -536,11 +536,26 @@ def test_a_flat_schedule_gets_a_final_linear_cooldown_to_zero():
     assert actions.count("final_cooldown") == 2 and "final_cooldown" not in actions[:7]
 
 
+@pytest.mark.parametrize("steps", [95, 30])
+def test_the_final_cooldown_spans_the_last_20_percent_when_it_starts_between_two_decisions(steps):
+    """80% of the run inside a segment (95 steps; 30 steps, whose last 20% is shorter than the interval of 10): the
+    segment before it ends there, and the cooldown spans the last 20% (it started at the next decision, shorter, or not
+    at all)."""
+    multiplier, _ = whole_run(lambda p: 1.0, steps=steps)
+    start = round(0.8 * steps)
+    n = steps - start
+    assert multiplier[:start] == [1.0] * start and len(multiplier) == steps
+    assert multiplier[start:] == pytest.approx([(n - k) / n for k in range(n)], abs=1e-3)
+
+
 def test_a_decaying_schedule_or_none_gets_no_final_cooldown():
     """A cosine (falling at 80% of the run) is left alone, as is a loop that does not pass its schedule: the same
-    multipliers as before the cooldown existed."""
-    cosine, actions = whole_run(lambda p: 0.5 * (1 + math.cos(math.pi * p)))
-    assert cosine == [1.0] * 100 and not any(a.startswith("final") for a in actions)
+    multipliers as before the cooldown existed. Also in a long run, where a cosine or a linear decay falls by only
+    0.1% from one decision to the next (100,000 steps, a decision every 10): its fall is judged per share of the run."""
+    cosine = lambda p: 0.5 * (1 + math.cos(math.pi * p))
+    for schedule, steps in ((cosine, 100), (cosine, 100_000), (lambda p: 1 - p, 100_000)):
+        multiplier, actions = whole_run(schedule, steps=steps)
+        assert multiplier == [1.0] * steps and not any(a.startswith("final") for a in actions)
     assert whole_run(None)[0] == [1.0] * 100
 
 
