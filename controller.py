@@ -353,7 +353,7 @@ class RL(Off):
         self.trials, self.segment = [], "trial"  # the trial search's state
         self.direction_pref, self.last_direction = [0.0, 0.0], None  # its logits of [down, up]
         self.schedule_seen = None  # the loop's schedule factor at the previous decision
-        self.schedule_kept = 0  # and the weights' history then (tokens)
+        self.schedule_kept = None  # and the weights' history then (tokens)
         self.cool_m = None  # in the final cooldown: the multiplier's factor at the next segment's start
 
     @property
@@ -565,7 +565,8 @@ class RL(Off):
         while the schedule falls. Returns (the decision, 0) in the cooldown, else (None, steps): the next segment's
         length when a flat schedule's cooldown starts within the interval (it ends there), 0 (the interval) if not."""
         s, prev, self.schedule_seen = obs.schedule, self.schedule_seen, obs.schedule
-        since, self.schedule_kept = ctl.kept - self.schedule_kept, ctl.kept
+        since = 0 if self.schedule_kept is None else ctl.kept - self.schedule_kept  # (0: any fall counts)
+        self.schedule_kept = ctl.kept
         if s is None or not ctl.budget_tokens:
             return None, 0
         end, step = ctl.history_budget(), ctl.steps_tokens(1) * ctl.grad_accum / ctl.ref_accum
