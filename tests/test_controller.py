@@ -559,6 +559,27 @@ def test_a_decaying_schedule_or_none_gets_no_final_cooldown():
     assert whole_run(None)[0] == [1.0] * 100
 
 
+def test_a_state_saved_before_schedule_kept_existed_judges_any_fall_as_a_decay():
+    """A resume from a controller state without `schedule_kept` (saved by an older version): its first reading cannot
+    tell how much of the run passed since the previous one, so any fall of the loop's factor counts as a decay, and a
+    long cosine (0.1% per decision at 80% of the run) gets no cooldown on top."""
+    steps, actions = 100_000, []
+    c = rl(budget_steps=steps)
+    d, kept = c.start(6.0), 0
+    while kept < steps:
+        kept += d.steps or INTERVAL
+        frac = kept / steps
+        obs = ctl.Observation(tokens=kept * TPS, eval_loss=3.0 - frac, progress=frac, hypergradient=0.0)
+        d = c.step(dataclasses.replace(obs, schedule=0.5 * (1 + math.cos(math.pi * frac))))
+        actions.append(d.action)
+        if kept == 79_990:  # the decision before 80%: saved, the field dropped, resumed
+            state = json.loads(json.dumps(c.state_dict()))
+            del state["policy"]["schedule_kept"]
+            c = rl(budget_steps=steps)
+            c.load_state_dict(state)
+    assert kept == steps and not any(a.startswith("final") for a in actions)
+
+
 def test_the_final_cooldown_holds_while_the_loops_own_schedule_falls():
     """A step schedule that drops at 85%: the cooldown starts at 80% (flat there), then holds its multiplier while
     the loop's own factor falls."""
