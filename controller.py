@@ -366,6 +366,15 @@ class RL(Off):
         return Decision(1.0, ctl.grad_accum, steps=steps, action="start", save="init", measure=True, phase="search")
 
     def decide(self, ctl, obs, reward, nonfinite):
+        searching = self.phase == "search"
+        d = self._decide(ctl, obs, reward, nonfinite)
+        if searching:  # the schedule's reading, so that the online phase's first decision can tell a decay
+            self.schedule_seen, self.schedule_kept = obs.schedule, ctl.kept
+            if self.phase == "online" and obs.schedule is not None and not d.steps:  # the commit's segment
+                d.steps = self._to_cool(ctl, ctl.slot_kept[d.load] if d.load else ctl.kept)
+        return d
+
+    def _decide(self, ctl, obs, reward, nonfinite):
         move, self.move = self.move, None  # the move's verdict: is its lr still in place, and did the loss rise?
         held = move and move[1] == ctl.lr_scale and "best" in ctl.slot_kept
         if held and obs.eval_loss > ctl.slot_loss["best"] * (1 + UNDO_RISE):
@@ -574,9 +583,8 @@ class RL(Off):
         falling = prev is not None and s < prev * (1 - FALLING * max(0, since) / end)
         if not step or left <= 0:
             return None, 0
-        if self.cool_m is None and left > FINAL_COOL * end + 1e-9:  # the steps to the cooldown's start
-            to_cool = max(1, math.ceil((left - FINAL_COOL * end) / step - 1e-9))
-            return None, to_cool if to_cool < ctl.interval and not falling else 0
+        if self.cool_m is None and left > FINAL_COOL * end + 1e-9:
+            return None, 0 if falling else self._to_cool(ctl, ctl.kept)
         if self.cool_m is None:
             if falling:  # the loop decays on its own: no cooldown from the controller
                 return None, 0
@@ -593,6 +601,18 @@ class RL(Off):
             drop=drop,
             phase="online",
         ), 0
+
+    def _to_cool(self, ctl, kept):
+        """The next segment's length from a history of `kept` tokens when the final cooldown's start (at 1 - FINAL_COOL
+        of the history budget) falls inside it, so that the segment ends there; 0 (the interval) if not."""
+        if not ctl.budget_tokens:
+            return 0
+        end, step = ctl.history_budget(), ctl.steps_tokens(1) * ctl.grad_accum / ctl.ref_accum
+        before = end - kept - FINAL_COOL * end  # tokens to the cooldown's start
+        if not step or before <= 1e-9:
+            return 0
+        steps = max(1, math.ceil(before / step - 1e-9))
+        return steps if steps < ctl.interval else 0
 
     # ------------------------------------------------------------ search by trials
     def _trial_search(self, ctl, obs, nonfinite):

@@ -536,7 +536,7 @@ def test_a_flat_schedule_gets_a_final_linear_cooldown_to_zero():
     assert actions.count("final_cooldown") == 2 and "final_cooldown" not in actions[:7]
 
 
-@pytest.mark.parametrize("steps", [95, 30])
+@pytest.mark.parametrize("steps", [95, 30, 15])
 def test_the_final_cooldown_spans_the_last_20_percent_when_it_starts_between_two_decisions(steps):
     """80% of the run inside a segment (95 steps; 30 steps, whose last 20% is shorter than the interval of 10): the
     segment before it ends there, and the cooldown spans the last 20% (it started at the next decision, shorter, or not
@@ -551,9 +551,10 @@ def test_the_final_cooldown_spans_the_last_20_percent_when_it_starts_between_two
 def test_a_decaying_schedule_or_none_gets_no_final_cooldown():
     """A cosine (falling at 80% of the run) is left alone, as is a loop that does not pass its schedule: the same
     multipliers as before the cooldown existed. Also in a long run, where a cosine or a linear decay falls by only
-    0.1% from one decision to the next (100,000 steps, a decision every 10): its fall is judged per share of the run."""
+    0.1% from one decision to the next (100,000 steps, a decision every 10): its fall is judged per share of the run;
+    and in a 15-step run, whose first online decision is at 80% (the search's reading of the schedule tells it)."""
     cosine = lambda p: 0.5 * (1 + math.cos(math.pi * p))
-    for schedule, steps in ((cosine, 100), (cosine, 100_000), (lambda p: 1 - p, 100_000)):
+    for schedule, steps in ((cosine, 100), (cosine, 15), (cosine, 100_000), (lambda p: 1 - p, 100_000)):
         multiplier, actions = whole_run(schedule, steps=steps)
         assert multiplier == [1.0] * steps and not any(a.startswith("final") for a in actions)
     assert whole_run(None)[0] == [1.0] * 100
