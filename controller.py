@@ -191,6 +191,7 @@ class Decision:
 SEARCH_BUDGET = 0.10  # default share of the token budget the rl search may discard (Controller(search_budget=))
 SPIKE = 0.25  # safety: an eval loss this far above the best rolls back (if a slot is kept) ...
 SAFETY_LR_FACTOR = 0.5  # ... and multiplies the lr by this (after a move up: no higher than an undo's lr)
+BLOWUP = 2.0  # safety: an eval loss this many times the best of the weights' history (and above the first) too
 BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 # rl search, read from the hypergradient h (Observation.hypergradient, over each segment's second half):
 #   1. after the first segment, h > 0 (too high even by the greedy measure, which this early favours high lrs)
@@ -734,6 +735,7 @@ class Controller:
         self.decisions = 0
         self.nonfinite_seen = 0  # non-finite steps already accounted for
         self.best, self.since_best = math.inf, 0
+        self.first_loss, self.line_best = None, math.inf  # the first eval loss read; the best of the weights' history
         self.last_loss, self.last_tokens = None, 0  # the eval loss and tokens at the previous decision
         self.interval = interval
         self.tokens_per_step = tokens_per_step  # given, else measured from the segments
@@ -747,6 +749,8 @@ class Controller:
         """Call once before training, with the eval loss of the initial weights if known; apply the
         returned decision."""
         d = self.policy.start(self, eval_loss)
+        if eval_loss is not None and math.isfinite(eval_loss):
+            self.first_loss, self.line_best = eval_loss, eval_loss
         self._bookkeep(d, eval_loss, 0)
         self.pending = d
         return d
@@ -757,7 +761,9 @@ class Controller:
         Safety for the guarded policies: a non-finite step in the window or a non-finite eval loss (the loop
         skipped those updates: the weights are intact) multiplies the lr by SAFETY_LR_FACTOR; so does an eval loss
         more than SPIKE above the one before a move up, right after it (or in the segment after the commit that ends a
-        climb: slot "best" is still held), which also rolls back (once) to the weights from before it."""
+        climb: slot "best" is still held), which also rolls back (once) to the weights from before it; and so does a
+        blow-up, a finite divergence whoever set the lr: an eval loss above BLOWUP x the best of the weights' history
+        (since the last load) and above the first eval loss read."""
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
         tokens = int(obs.tokens)
         window = tokens - self.last_tokens  # the segment just run
@@ -781,7 +787,13 @@ class Controller:
             # held), a spike above the loss from before the move. The run's own ups and downs are not the
             # controller's to undo.
             spike = "best" in self.slot_kept and loss > self.slot_loss["best"] * (1 + SPIKE)
-            fault = nonfinite or not math.isfinite(loss) or spike
+            # or a blow-up, whoever set the lr: above twice the best of these weights' history and above the first
+            # loss read (a late rise near a loss of 0, such as overfitting, is not one)
+            blowup = self.first_loss is not None and loss > max(BLOWUP * self.line_best, self.first_loss)
+            fault = nonfinite or not math.isfinite(loss) or spike or blowup
+            if math.isfinite(loss) and not nonfinite:
+                self.first_loss = loss if self.first_loss is None else self.first_loss
+                self.line_best = min(self.line_best, loss)
             if math.isfinite(loss) and not nonfinite and loss < self.best - BEST_MARGIN:
                 self.best, self.since_best = loss, 0
             else:
@@ -815,6 +827,7 @@ class Controller:
             self.slot_loss[d.save], self.slot_kept[d.save] = loss, self.kept
         if d.load:  # the next segment starts from the slot's weights
             self.last_loss, self.kept = self.slot_loss[d.load], self.slot_kept[d.load]
+            self.line_best = math.inf if self.last_loss is None else self.last_loss
         for name in d.drop:
             self.slot_loss.pop(name, None)
             self.slot_kept.pop(name, None)

@@ -494,6 +494,31 @@ def test_safety_ignores_the_runs_own_ups_and_downs_and_lowers_the_lr_on_nonfinit
     assert c.lr_scale == pytest.approx(ctl.SAFETY_LR_FACTOR)
 
 
+def test_a_blow_up_halves_the_lr_whoever_set_it_but_a_late_rise_near_zero_does_not():
+    """A loss that rises above twice the best of the weights' history and above the first loss read is a blow-up (a
+    too-high lr diverging, slowly enough to stay finite: no slot to go back to, so the lr halves at each such
+    reading); a late rise near a loss of 0 (overfitting: 0.02 -> 0.06) stays below the first loss and is the run's
+    own."""
+    c = make("plateau")
+    c.start()
+    losses = [1.0, 0.3, 0.02, 0.06, 0.9, 1.5, 2.5, 0.5]
+    actions = [c.step({"tokens": 1000 * (i + 1), "eval_loss": x}).action for i, x in enumerate(losses)]
+    assert "rollback" not in actions[:5] + actions[7:] and actions[5:7] == ["rollback"] * 2, actions
+
+
+def test_the_weights_picked_from_a_trial_are_judged_by_their_own_history():
+    """A trial that loses the cooled comparison but reads too low goes on from its own weights: their losses, far above
+    the first segment's (discarded) cooled one, are no blow-up (a load starts the weights' history over)."""
+    c = rl()
+    d, spent, decisions = c.start(), 0, []
+    for loss, h in [(1.0, 0.01), (0.2, None), (3.5, -0.2), (3.4, None), (3.3, -0.2), (3.2, -0.2)]:
+        spent += (d.steps or INTERVAL) * TPS
+        d = c.step(ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens, hypergradient=h))
+        decisions.append(d)
+    assert decisions[3].action.startswith(f"pick_x{10**-ctl.TRIAL_DOWN:.3g}_then_up")
+    assert [d.action[:4] for d in decisions[4:]] == ["up_x", "up_x"], [d.action for d in decisions]
+
+
 def test_a_spike_right_after_a_move_up_rolls_back_to_before_it():
     c = rl()
     decisions, *_ = run(c, [(4.5, -0.01), (4.0, -0.12), (4.0 * 1.5, -0.01)])
