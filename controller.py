@@ -218,7 +218,10 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #   3. when h no longer says too low right after a move up, one more PAST_STEP decades up (the greedy measure
 #      favours lower lrs than the best constant lr once the early plateau is over, so the point where h turns is
 #      below it), the weights from before it kept as slot "best"; commit at the next segment that does not read
-#      too low. A start that never moved up commits at once. Every discarded token comes out of the search budget.
+#      too low. Under a flat schedule (the loop's factor unchanged since the previous decision) the step past is a
+#      probe: the commit goes back to the lr from before it (with no decay to bring it down, it overshoots: MLPs,
+#      the transformer and pydocs under a constant lr). A start that never moved up commits at once. Every
+#      discarded token comes out of the search budget.
 TRIAL_DOWN = 1.0
 BOTH_HIGH_TIE = 0.01
 MIN_TRIAL = 5
@@ -330,8 +333,8 @@ class RL(Off):
     compared after a short cooldown: the trial's reward is its cooled improvement over the first segment
     (compute_reward), and the better one's weights go on; the trial's also when it loses but reads too low (the best
     lr is then between the two, and the comparison favours the higher lr). Up only from the live weights, while h says
-    too low (a too-low lr does no damage), then one step past where it stopped saying so, then commit. At a good
-    start no trial runs and nothing is discarded.
+    too low (a too-low lr does no damage), then one step past where it stopped saying so (under a flat schedule a
+    probe only: the commit goes back below it), then commit. At a good start no trial runs and nothing is discarded.
 
     Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
     cooldown and compared by the cooled loss; the direction of the next trial is drawn from preferences that
@@ -350,6 +353,7 @@ class RL(Off):
         self.move = None  # (from, to): the last move up, its verdict pending (slot "best" holds the weights at "from")
         self.moved_from = [None, None]  # the lr scale before the previous move up and before the last one
         self.climb_off = False  # a move up was punished: no more moves up
+        self.past_from = None  # the lr scale before a step past that awaits its verdict
         self.first, self.trial, self.trial_scale = None, None, None
         self.trials, self.segment = [], "trial"  # the trial search's state
         self.direction_pref, self.last_direction = [0.0, 0.0], None  # its logits of [down, up]
@@ -449,7 +453,7 @@ class RL(Off):
     def punished(self, scale):
         """A move up that the loss punished (an undo, or a spike the safety net rolled back): no more moves up (a
         direction that lost), and an lr no higher than the one from before the move before it."""
-        self.climb_off = True
+        self.climb_off, self.past_from = True, None
         return min(scale, self.moved_from[0] or scale)
 
     # ------------------------------------------------------------ search by the hypergradient
@@ -506,19 +510,23 @@ class RL(Off):
             d = self._climb(ctl, win["h"], load=win["slot"], drop=drop)
             d.action = f"pick_x{win['scale']:.3g}" + ("" if d.action in ("keep", "commit") else "_then_" + d.action)
             return d
-        return self._climb(ctl, h)
+        flat = obs.schedule is not None and obs.schedule == self.schedule_seen and ctl.kept != self.schedule_kept
+        return self._climb(ctl, h, flat=flat)
 
-    def _climb(self, ctl, h, load="", drop=()):
+    def _climb(self, ctl, h, load="", drop=(), flat=False):
         """2-3: up from the live weights while the hypergradient says too low, one step per segment; one step past
-        the point where it stops saying so (not from a loaded slot: a trial's weights were not climbing)."""
+        the point where it stops saying so (not from a loaded slot: a trial's weights were not climbing); under a flat
+        schedule the commit after it goes back to the lr from before it."""
         drop = tuple(dict.fromkeys((*drop, *(("best",) if "best" in ctl.slot_kept else ()))))
         too_low = reads_too_low(h) and not self.climb_off  # (a move up that the loss punished ends the climb)
         climbed, self.climbed_to = self.climbed_to == ctl.lr_scale, None
+        past_from, self.past_from = self.past_from, None
         if too_low or (climbed and not load):
             old = ctl.lr_scale
             ctl.lr_scale = ctl.clip(old * (up_factor(h, self.history) if too_low else 10**PAST_STEP))
             if ctl.lr_scale != old:  # the weights about to be put at risk are kept for the safety net
                 self.climbed_to = ctl.lr_scale if too_low else None
+                self.past_from = None if too_low else old
                 self.move = None if load else (old, ctl.lr_scale)
                 self.moved_from = [self.moved_from[1], old]
                 return Decision(
@@ -535,6 +543,8 @@ class RL(Off):
                 )
         # the weights from before the last move stay one segment more, for the safety net: a move's damage can show
         # a segment late (a warmup or momentum still raising the step)
+        if flat and past_from is not None and not load:  # a flat schedule: the step past was a probe; back down
+            ctl.lr_scale = past_from
         return self._commit(ctl, load=load, keep=() if load else ("best",))
 
     # ------------------------------------------------------------ online
