@@ -793,18 +793,18 @@ class Controller:
                 obs = dataclasses.replace(obs, eval_loss=obs.eval_loss())
             loss = float(obs.eval_loss)
             reward = 0.0 if self.last_loss is None else compute_reward(self.last_loss, loss, window, ref, nonfinite)
-            # a fault: a non-finite step or loss; or, right after the controller raised the lr (slot "best" is
-            # held), a spike above the loss from before the move. The run's own ups and downs are not the
-            # controller's to undo.
+            # a fault: a non-finite step or loss; right after the controller raised the lr (slot "best" is held), a
+            # spike above the loss from before the move; or a blow-up, whoever set the lr: above twice the best of
+            # these weights' history and above the first loss read (a late rise near a loss of 0, such as
+            # overfitting, is not one). Short of those, the run's own ups and downs are not the controller's to undo.
             spike = "best" in self.slot_kept and loss > self.slot_loss["best"] * (1 + SPIKE)
-            # or a blow-up, whoever set the lr: above twice the best of these weights' history and above the first
-            # loss read (a late rise near a loss of 0, such as overfitting, is not one)
             blowup = self.first_loss is not None and loss > max(BLOWUP * self.line_best, self.first_loss)
-            fault = nonfinite or not math.isfinite(loss) or spike or blowup
-            if math.isfinite(loss) and not nonfinite:
+            finite = math.isfinite(loss) and not nonfinite
+            fault = not finite or spike or blowup
+            if finite:
                 self.first_loss = loss if self.first_loss is None else self.first_loss
                 self.line_best = min(self.line_best, loss)
-            if math.isfinite(loss) and not nonfinite and loss < self.best - BEST_MARGIN:
+            if finite and loss < self.best - BEST_MARGIN:
                 self.best, self.since_best = loss, 0
             else:
                 self.since_best += 1

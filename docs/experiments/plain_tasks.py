@@ -88,27 +88,9 @@ def make(task, seed):
         )
         return supervised(model, task.endswith("sgd"), torch.nn.functional.cross_entropy, x, y, xv, yv, 64)
     if task in ("reg_adam", "reg_sgd"):  # the regression network of tests/test_plain_loop.py (a plateau near 0.5)
-        g = torch.Generator().manual_seed(0)  # the test's data at seed 0 (data 1234 leave no lr off the plateau)
-        x, w = torch.randn(4096, 16, generator=g), torch.randn(16, 1, generator=g)
-        y = torch.sin(x @ w) + 0.1 * torch.randn(4096, 1, generator=g)
-        xv = torch.randn(1024, 16, generator=g)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
-        )
-        return supervised(model, task.endswith("sgd"), torch.nn.functional.mse_loss, x, y, xv, torch.sin(xv @ w), 32)
-    if task == "reg_ovf":  # the same target from 256 noisy points and a wider network: it overfits
-        g = torch.Generator().manual_seed(0)
-        x, w = torch.randn(256, 4, generator=g), torch.randn(4, 1, generator=g)
-        y = torch.sin(x @ w) + 0.3 * torch.randn(256, 1, generator=g)
-        xv = torch.randn(1024, 4, generator=g)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(4, 256),
-            torch.nn.Tanh(),
-            torch.nn.Linear(256, 256),
-            torch.nn.Tanh(),
-            torch.nn.Linear(256, 1),
-        )
-        return supervised(model, False, torch.nn.functional.mse_loss, x, y, xv, torch.sin(xv @ w), 32)
+        return regression(task.endswith("sgd"), n=4096, dim=16, noise=0.1, width=64)
+    if task == "reg_ovf":  # the same target from 256 noisier points and a wider network: it overfits
+        return regression(False, n=256, dim=4, noise=0.3, width=256)
     if task == "tfm":
         return transformer()
     # lstm: a synthetic grammar of nested brackets and words
@@ -144,6 +126,23 @@ def make(task, seed):
             return self.o(self.r(self.e(s))[0])
 
     return sequences(LM(), data, val, V, T, 16, weight_decay=0.01)
+
+
+def regression(sgd, n, dim, noise, width):
+    """sin(x @ w) + noise on n points, a 2-hidden-layer tanh network, batches of 32; validated on 1024 clean points
+    (the test's data at seed 0: data 1234 leave no lr off the plateau)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(n, dim, generator=g), torch.randn(dim, 1, generator=g)
+    y = torch.sin(x @ w) + noise * torch.randn(n, 1, generator=g)
+    xv = torch.randn(1024, dim, generator=g)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(dim, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, width),
+        torch.nn.Tanh(),
+        torch.nn.Linear(width, 1),
+    )
+    return supervised(model, sgd, torch.nn.functional.mse_loss, x, y, xv, torch.sin(xv @ w), 32)
 
 
 def transformer():
