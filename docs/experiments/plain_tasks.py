@@ -3,8 +3,9 @@
 LSTM on a synthetic bracket grammar, AdamW), reg_adam and reg_sgd (the regression network of
 tests/test_plain_loop.py, with Adam or SGD + momentum 0.9), reg_ovf (its target from 256 noisy points in 4
 dimensions, a wider network, Adam: the validation loss falls to about 0.02, then rises as it overfits), tfm (a
-2-layer causal transformer on the characters of Python's own `typing.py`, AdamW with weight decay 0.1). The data are
-fixed; the seed sets the initialisation.
+2-layer causal transformer on the characters of Python's own `typing.py`, AdamW with weight decay 0.1); and four loops
+added after the controller's constants were set, as a check on loops it was not tuned on: cnn, linreg, relu_reg, ae
+(`fresh()`). The data are fixed; the seed sets the initialisation.
 
     python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|constant|wsd]
     python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
@@ -93,6 +94,8 @@ def make(task, seed):
         return regression(False, n=256, dim=4, noise=0.3, width=256)
     if task == "tfm":
         return transformer()
+    if task in ("cnn", "linreg", "relu_reg", "ae"):
+        return fresh(task)
     # lstm: a synthetic grammar of nested brackets and words
     V, T = 16, 64
 
@@ -143,6 +146,56 @@ def regression(sgd, n, dim, noise, width):
         torch.nn.Linear(width, 1),
     )
     return supervised(model, sgd, torch.nn.functional.mse_loss, x, y, xv, torch.sin(xv @ w), 32)
+
+
+def fresh(task):
+    """Four loops added after the controller's constants were set, to check it on loops it was not tuned on: cnn (a
+    small conv net on 12x12 images of 6 shifted noisy templates, Adam), linreg (linear regression on 64 features whose
+    scales span 1.5 decades, plain SGD: its best lr is near the edge of stability), relu_reg (a ReLU MLP on a smooth
+    8-d target, AdamW), ae (an autoencoder through 8 units of data near a 6-d manifold, SGD + momentum 0.9)."""
+    g = torch.Generator().manual_seed(777)
+    nn = torch.nn
+    if task == "cnn":
+        tmpl = nn.functional.avg_pool2d(torch.randn(6, 1, 14, 14, generator=g), 3, 1)
+
+        def draw(n):
+            y = torch.randint(0, 6, (n,), generator=g)
+            sx, sy = torch.randint(-2, 3, (2,), generator=g).tolist()
+            x = torch.roll(tmpl[y], shifts=(sx, sy), dims=(2, 3)) * 1.5 + torch.randn(n, 1, 12, 12, generator=g)
+            return x, y
+
+        (x, y), (xv, yv) = (map(torch.cat, zip(*[draw(64) for _ in range(k)])) for k in (128, 16))
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 9, 6),
+        )  # fmt: skip
+        return supervised(model, False, nn.functional.cross_entropy, x, y, xv, yv, 64)
+    if task == "linreg":
+        scales, w = torch.logspace(0, -1.5, 64), torch.randn(64, 1, generator=g)
+        x = torch.randn(8192, 64, generator=g) * scales
+        y = x @ w + 0.3 * torch.randn(8192, 1, generator=g)
+        xv = torch.randn(2048, 64, generator=g) * scales
+        model, _, *rest = supervised(nn.Linear(64, 1), False, nn.functional.mse_loss, x, y, xv, xv @ w, 32)
+        return (model, torch.optim.SGD(model.parameters(), lr=1e-2), *rest)
+    if task == "relu_reg":
+        W = torch.randn(8, 4, generator=g)
+
+        def f(x):
+            return sum(torch.sin(x @ W[:, k : k + 1] * (k + 1) / 2) / (k + 1) for k in range(4))
+
+        x = torch.randn(8192, 8, generator=g)
+        y, xv = f(x) + 0.05 * torch.randn(8192, 1, generator=g), torch.randn(2048, 8, generator=g)
+        model = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
+        model, _, *rest = supervised(model, False, nn.functional.mse_loss, x, y, xv, f(xv), 64)
+        return (model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01), *rest)
+    B = torch.randn(6, 48, generator=g) / math.sqrt(6)  # ae
+    z = torch.randn(8192 + 1024, 6, generator=g)
+    X = torch.tanh(z @ B) + 0.05 * torch.randn(8192 + 1024, 48, generator=g)
+    model = nn.Sequential(
+        nn.Linear(48, 64), nn.GELU(), nn.Linear(64, 8), nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 48)
+    )  # fmt: skip
+    return supervised(model, True, nn.functional.mse_loss, X[:8192], X[:8192], X[8192:], X[8192:], 64)
 
 
 def transformer():
