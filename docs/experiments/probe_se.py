@@ -1,11 +1,11 @@
 """The hypergradient's standard error, for the significance gate tried in docs/experiments/README.md ("A suspicion
 needs a significant reading"). A lab patch, not used by train.py or the tests.
 
-GradientProbe.read() here returns h as a float that also carries `.se`: the standard error of the per-step cosines
-g_t.u_{t-1} / (|g_t| |u_{t-1}|) over the window (their sample sd / sqrt(n)); h / se is the reading's t. Steps are told
-apart by a parameter seen twice (DeepSpeed steps each param group on its own). With the controller patched (`git apply
-docs/experiments/significance_gate.patch`), a reading of "too high" counts only where |h| > SIG_T * se. Runs the
-plain loops or train.py with the patch on:
+GradientProbe.read() here returns h as a float that also carries `.se`, the standard error of the per-step cosines
+g_t.u_{t-1} / (|g_t| |u_{t-1}|) over the window (their sample sd / sqrt(n)), and `.t`, their mean over it. Steps are
+told apart by a parameter seen twice (DeepSpeed steps each param group on its own). With the controller patched (`git
+apply docs/experiments/significance_gate.patch`), a reading of "too high" counts only where t > SIG_T. Runs the plain
+loops or train.py with the patch on:
 
     python docs/experiments/probe_se.py plain TASK STEPS LRS SEEDS POLICIES OUT_DIR [SCHEDULE]   # as plain_tasks.py
     python docs/experiments/probe_se.py train [train.py flags]                                   # one process
@@ -24,7 +24,8 @@ import train
 
 
 class Reading(float):
-    se = None
+    se = None  # the per-step cosines' standard error
+    t = None  # their mean over it
 
 
 _pre, _start, _read = train.GradientProbe._pre, train.GradientProbe.start, train.GradientProbe.read
@@ -57,6 +58,7 @@ def read(self, accelerator=None):
     h = Reading(h)
     if len(cosines) > 2:
         h.se = statistics.stdev(cosines) / math.sqrt(len(cosines))
+        h.t = statistics.mean(cosines) / h.se if h.se > 0 else 0.0
     return h, alignment
 
 
