@@ -35,10 +35,10 @@ def snippet():
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
-def supervised(model, sgd, loss_fn, x, y, xv, yv, bs):
-    """A classifier or a regressor: Adam, or SGD + momentum 0.9; batches in order; the whole validation set."""
+def supervised(model, sgd, loss_fn, x, y, xv, yv, bs, opt=None):
+    """A classifier or a regressor: Adam, SGD + momentum 0.9, or `opt`; batches in order; the whole validation set."""
     params = model.parameters()
-    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9) if sgd else torch.optim.Adam(params, lr=1e-3)
+    opt = opt or (torch.optim.SGD(params, lr=1e-2, momentum=0.9) if sgd else torch.optim.Adam(params, lr=1e-3))
 
     def batch(pos):
         i = torch.arange(pos * bs, (pos + 1) * bs) % x.shape[0]
@@ -176,8 +176,9 @@ def fresh(task):
         x = torch.randn(8192, 64, generator=g) * scales
         y = x @ w + 0.3 * torch.randn(8192, 1, generator=g)
         xv = torch.randn(2048, 64, generator=g) * scales
-        model, _, *rest = supervised(nn.Linear(64, 1), False, nn.functional.mse_loss, x, y, xv, xv @ w, 32)
-        return (model, torch.optim.SGD(model.parameters(), lr=1e-2), *rest)
+        model = nn.Linear(64, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        return supervised(model, False, nn.functional.mse_loss, x, y, xv, xv @ w, 32, opt=opt)
     if task == "relu_reg":
         W = torch.randn(8, 4, generator=g)
 
@@ -187,8 +188,8 @@ def fresh(task):
         x = torch.randn(8192, 8, generator=g)
         y, xv = f(x) + 0.05 * torch.randn(8192, 1, generator=g), torch.randn(2048, 8, generator=g)
         model = nn.Sequential(nn.Linear(8, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1))
-        model, _, *rest = supervised(model, False, nn.functional.mse_loss, x, y, xv, f(xv), 64)
-        return (model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01), *rest)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+        return supervised(model, False, nn.functional.mse_loss, x, y, xv, f(xv), 64, opt=opt)
     B = torch.randn(6, 48, generator=g) / math.sqrt(6)  # ae
     z = torch.randn(8192 + 1024, 6, generator=g)
     X = torch.tanh(z @ B) + 0.05 * torch.randn(8192 + 1024, 48, generator=g)
