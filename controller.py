@@ -205,7 +205,12 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      excess off the end of the run (Controller.history_budget), so the run never costs more than 1 + search_budget
 #      budgets.
 #      A trial that loses but reads too low (h < -LOW_H) puts the best lr between the two: its weights go on and
-#      climb (2.) (the comparison favours the higher lr; a too-low lr does no damage).
+#      climb (2.) (the comparison favours the higher lr; a too-low lr does no damage), unless it lost by more than
+#      SPIKE to a first segment whose reading was within LOW_H of 0: a suspicion that no clear reading carried, and a
+#      loss that large is the lower lr's slowness (on a plain ReLU MLP at its best lr the trial lost by 82%), so the
+#      first's weights go on at its lr. A clear reading (h > LOW_H) keeps the rule: a start well above the best lr
+#      can win the comparison and blow up later (an autoencoder from 3x its best lr: its trial's cooled loss 4x the
+#      start's).
 #      The first segment and the trial are sized so that one trial and its two cooldowns fit the search budget (at
 #      most the interval, at least MIN_TRIAL steps);
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
@@ -486,9 +491,9 @@ class RL(Off):
             # the trial is always the lower (it runs only if clip() allows): one that ties, or wins while it still reads
             # too high as the first did, means both are too high; one that loses but reads too low puts the best lr
             # between the two: its weights go on and climb (the comparison favours the higher lr; a too-low lr does no
-            # damage)
+            # damage), unless it lost by more than SPIKE to a first that read within LOW_H of 0 (see the top)
             both_high = abs(reward) <= BOTH_HIGH_TIE or (reward > 0 and trial["h"] is not None and trial["h"] > 0)
-            low = reads_too_low(trial["h"])
+            low = reads_too_low(trial["h"]) and not (reward < -SPIKE and 0 < (first["h"] or 0) <= LOW_H)
             win = trial if both_high or low else win
             ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (

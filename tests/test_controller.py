@@ -395,6 +395,23 @@ def test_a_lower_trial_that_loses_but_reads_too_low_goes_on_and_climbs():
     assert decisions[3].action.endswith("_then_down_from_init") and c.lr_scale == pytest.approx(down**2)
 
 
+def test_a_lower_trial_that_loses_by_more_than_a_spike_to_a_start_that_read_near_zero_gives_way_to_the_start():
+    """The start read within LOW_H of 0 (a suspicion no clear reading carries) and its trial a decade lower loses
+    the cooled comparison by more than SPIKE: the loss is the lower lr's slowness, so the start's weights go on at
+    its lr although the trial reads too low. After a clear reading of too high (h > LOW_H) the same trial goes on
+    (a start well above the best lr can win early and blow up later), and so does one that loses by less."""
+    script = [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.0 * (1 + ctl.SPIKE) * 1.01, None), (2.9, 0.0)]
+    c = rl()
+    decisions, *_ = run(c, script)
+    assert 0 < script[0][1] <= ctl.LOW_H and decisions[3].action == "pick_x1" and decisions[3].load == "first"
+    assert c.lr_scale == 1.0 and decisions[4].action == "keep" and c.policy.phase == "online"
+    for first_h, cooled in ((ctl.LOW_H * 2, script[3][0]), (0.01, 3.0 * (1 + ctl.SPIKE) * 0.99)):
+        c = rl()
+        decisions, *_ = run(c, [(3.3, first_h), (3.0, None), (3.5, -0.2), (cooled, None)])
+        assert decisions[3].action.startswith(f"pick_x{10**-ctl.TRIAL_DOWN:.3g}_then_up")
+        assert decisions[3].load == "trial"
+
+
 def test_a_down_trial_that_ties_means_both_too_high_and_restarts_further_down():
     """The start and the trial a decade below end the same after the cooldown (stuck on the same plateau): both are
     too high and both left damage, so the next lr, another decade down, starts from the initial weights; the whole
@@ -526,11 +543,12 @@ def test_a_blow_up_halves_the_lr_whoever_set_it_but_a_late_rise_near_zero_does_n
 
 
 def test_the_weights_picked_from_a_trial_are_judged_by_their_own_history():
-    """A trial that loses the cooled comparison but reads too low goes on from its own weights: their losses, far above
-    the first segment's (discarded) cooled one, are no blow-up (a load starts the weights' history over)."""
+    """A trial that loses the cooled comparison but reads too low goes on from its own weights (after a clear reading of
+    too high): their losses, far above the first segment's (discarded) cooled one, are no blow-up (a load starts the
+    weights' history over)."""
     c = rl()
     d, spent, decisions = c.start(), 0, []
-    for loss, h in [(1.0, 0.01), (0.2, None), (3.5, -0.2), (3.4, None), (3.3, -0.2), (3.2, -0.2)]:
+    for loss, h in [(1.0, 0.05), (0.2, None), (3.5, -0.2), (3.4, None), (3.3, -0.2), (3.2, -0.2)]:
         spent += (d.steps or INTERVAL) * TPS
         d = c.step(ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens, hypergradient=h))
         decisions.append(d)
