@@ -337,8 +337,9 @@ class RL(Off):
     lr; the suspicion is settled by one trial a decade lower from the initial weights on the same batches, both
     compared after a short cooldown: the trial's reward is its cooled improvement over the first segment
     (compute_reward), and the better one's weights go on; the trial's also when it loses but reads too low (the best
-    lr is then between the two, and the comparison favours the higher lr). Up only from the live weights, while h says
-    too low (a too-low lr does no damage), then one step past where it stopped saying so (under a flat schedule a
+    lr is then between the two, and the comparison favours the higher lr), unless it lost by more than SPIKE to a
+    start that read within LOW_H of 0 (a suspicion no clear reading carried). Up only from the live weights, while h
+    says too low (a too-low lr does no damage), then one step past where it stopped saying so (under a flat schedule a
     probe only: the commit goes back below it), then commit. At a good start no trial runs and nothing is discarded.
 
     Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
