@@ -1450,6 +1450,9 @@ def finish(args, accelerator, model, tokenizer, state, final, wall):
         plot_run(args.output_dir)
         if args.sample_tokens:
             print("----- sample -----\n" + sample(args, tokenizer) + "\n------------------")
+    # every rank tears the process group down together, once the main process has written everything: a rank that
+    # went ahead aborted in the teardown once (gloo; once in ~40 CI runs) and the launcher then killed the main process
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 
