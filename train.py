@@ -166,7 +166,14 @@ def check_args(args):
         v = getattr(args, name)
         if (v is not None or name in POSITIVE) and v <= 0:
             fail(f"--{name} must be a positive integer, got {v}")
-    for name, lo in [("max_train_steps", 0), ("num_warmup_steps", 0), ("final_eval_batches", 0), ("seed", 0)]:
+    for name, lo in [
+        ("max_train_steps", 0),
+        ("num_warmup_steps", 0),
+        ("final_eval_batches", 0),
+        ("seed", 0),
+        ("cpu_threads", 0),
+        ("sample_tokens", 0),
+    ]:
         if getattr(args, name) < lo:
             fail(f"--{name} must be >= {lo}, got {getattr(args, name)}")
     if args.seed >= 2**32:
@@ -180,6 +187,8 @@ def check_args(args):
     ]:
         if not (math.isfinite(v) and v > 0):
             fail(f"--{name} must be a positive number, got {v}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        fail(f"--weight_decay must be a number >= 0, got {args.weight_decay}")
     if not min_lr <= args.learning_rate <= max_lr:
         fail(f"need --min_lr ({min_lr:g}) <= --learning_rate ({args.learning_rate:g}) <= --max_lr ({max_lr:g})")
     if not (math.isfinite(args.search_budget) and 0 <= args.search_budget < 1):
