@@ -732,6 +732,20 @@ class Controller:
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+        if not (math.isfinite(lr) and 0 < lr_bounds[0] <= lr <= lr_bounds[1]):
+            raise ValueError(f"need 0 < lr_bounds[0] ({lr_bounds[0]}) <= lr ({lr}) <= lr_bounds[1] ({lr_bounds[1]})")
+        if not 1 <= grad_accum_bounds[0] <= grad_accum <= grad_accum_bounds[1]:
+            raise ValueError(
+                f"need 1 <= grad_accum_bounds[0] ({grad_accum_bounds[0]}) <= grad_accum ({grad_accum}) "
+                f"<= grad_accum_bounds[1] ({grad_accum_bounds[1]})"
+            )
+        if not 0 <= search_budget < 1:
+            raise ValueError(f"search_budget must be in [0, 1), a share of budget_tokens, got {search_budget}")
+        for name, v in [("interval", interval), ("budget_tokens", budget_tokens), ("tokens_per_step", tokens_per_step)]:
+            if v is not None and not v > 0:
+                raise ValueError(f"{name} must be positive, got {v}")
+        if patience is not None and not patience >= 1:
+            raise ValueError(f"patience must be at least 1 decision (or None: never stop), got {patience}")
         self.policy_name, self.policy = policy, POLICIES[policy]()
         self.patience = patience
         self.scale_lo, self.scale_hi = lr_bounds[0] / lr, lr_bounds[1] / lr

@@ -519,6 +519,32 @@ def test_unknown_policy_is_refused():
         make("adam")
 
 
+BAD_ARGUMENTS = [
+    ({"lr": 0.0}, "lr"),
+    ({"lr": math.nan}, "lr"),  # a NaN lr would reach the loop's optimizer
+    ({"lr_bounds": (1e-1, 1e-5)}, "lr_bounds"),
+    ({"lr_bounds": (1e-5, 1e-4)}, "lr_bounds"),  # the lr outside its bounds
+    ({"grad_accum": 0, "grad_accum_bounds": (0, 4)}, "grad_accum"),
+    ({"grad_accum": 8}, "grad_accum_bounds"),
+    ({"interval": 0}, "interval"),
+    ({"search_budget": 1.5}, "search_budget"),
+    ({"search_budget": math.nan}, "search_budget"),
+    ({"budget_tokens": -1}, "budget_tokens"),
+    ({"tokens_per_step": 0}, "tokens_per_step"),
+    ({"patience": 0}, "patience"),
+]
+
+
+@pytest.mark.parametrize("bad,name", BAD_ARGUMENTS, ids=[str(b) for b, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_refused_with_an_error_naming_them(bad, name):
+    """A loop that passes a value the controller cannot work with hears so at construction, in one line naming the
+    argument, not through a division by zero or a NaN lr later."""
+    kw = {"lr": 1e-3, "lr_bounds": (1e-5, 1e-1), "grad_accum": 1, "grad_accum_bounds": (1, 4)} | bad
+    with pytest.raises(ValueError, match=name) as e:
+        ctl.Controller("rl", **kw)
+    assert "\n" not in str(e.value)
+
+
 def test_safety_ignores_the_runs_own_ups_and_downs_and_lowers_the_lr_on_nonfinite():
     c = make("plateau")
     c.start()
