@@ -150,6 +150,7 @@ POSITIVE = [
     "max_nonfinite_steps",
 ]
 POSITIVE_OR_NONE = ["checkpointing_steps", "save_total_limit", "controller_patience"]
+NON_NEGATIVE = ["max_train_steps", "num_warmup_steps", "final_eval_batches", "seed", "cpu_threads", "sample_tokens"]
 PREVIOUS_RUN = (
     "results.json",
     "metrics.jsonl",
@@ -166,16 +167,9 @@ def check_args(args):
         v = getattr(args, name)
         if (v is not None or name in POSITIVE) and v <= 0:
             fail(f"--{name} must be a positive integer, got {v}")
-    for name, lo in [
-        ("max_train_steps", 0),
-        ("num_warmup_steps", 0),
-        ("final_eval_batches", 0),
-        ("seed", 0),
-        ("cpu_threads", 0),
-        ("sample_tokens", 0),
-    ]:
-        if getattr(args, name) < lo:
-            fail(f"--{name} must be >= {lo}, got {getattr(args, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.seed >= 2**32:
         fail(f"--seed must be below 2**32, got {args.seed}")
     min_lr, max_lr = lr_bounds(args, args.learning_rate)
