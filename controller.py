@@ -794,6 +794,8 @@ class Controller:
         climb: slot "best" is still held), which also rolls back (once) to the weights from before it; and so does a
         blow-up, a finite divergence whoever set the lr: an eval loss above BLOWUP x the best of the weights' history
         (since the last load) and above the first eval loss read."""
+        if self.pending is None:
+            raise RuntimeError("Controller.step() before Controller.start(): call start() once before training")
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
         tokens = int(obs.tokens)
         window = tokens - self.last_tokens  # the segment just run

@@ -535,6 +535,11 @@ BAD_ARGUMENTS = [
 ]
 
 
+def test_a_step_before_start_says_so():
+    with pytest.raises(RuntimeError, match="start"):
+        make("rl").step({"tokens": 100, "eval_loss": 2.0})
+
+
 @pytest.mark.parametrize("bad,name", BAD_ARGUMENTS, ids=[str(b) for b, _ in BAD_ARGUMENTS])
 def test_bad_arguments_are_refused_with_an_error_naming_them(bad, name):
     """A loop that passes a value the controller cannot work with hears so at construction, in one line naming the
