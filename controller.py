@@ -713,6 +713,7 @@ class Controller:
     tokens_per_step: the tokens of one optimizer step at the starting batch, if known before the first segment
     (then a short run's first segment and trials are shortened until one trial fits the search budget).
     search_in_budget: the loop counts discarded tokens inside budget_tokens (its history ends that much earlier).
+    An argument it cannot work with raises a ValueError that names it.
     """
 
     def __init__(
