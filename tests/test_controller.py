@@ -519,6 +519,11 @@ def test_unknown_policy_is_refused():
         make("adam")
 
 
+def test_a_step_before_start_says_so():
+    with pytest.raises(RuntimeError, match="start"):
+        make("rl").step({"tokens": 100, "eval_loss": 2.0})
+
+
 BAD_ARGUMENTS = [
     ({"lr": 0.0}, "lr"),
     ({"lr": math.nan}, "lr"),  # a NaN lr would reach the loop's optimizer
@@ -533,11 +538,6 @@ BAD_ARGUMENTS = [
     ({"tokens_per_step": 0}, "tokens_per_step"),
     ({"patience": 0}, "patience"),
 ]
-
-
-def test_a_step_before_start_says_so():
-    with pytest.raises(RuntimeError, match="start"):
-        make("rl").step({"tokens": 100, "eval_loss": 2.0})
 
 
 @pytest.mark.parametrize("bad,name", BAD_ARGUMENTS, ids=[str(b) for b, _ in BAD_ARGUMENTS])
