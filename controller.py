@@ -392,7 +392,9 @@ class RL(Off):
             return self._undo(ctl, obs, move[0])
         if self.phase == "online":
             return self._online(ctl, obs)
-        self.mode = self.mode or ("gradient" if obs.hypergradient is not None else "trials")
+        # no reading after the first segment: a loop without gradient statistics, unless every measured step was
+        # skipped as non-finite (a loop with them then reads None too: it searches by them, from a too-high start)
+        self.mode = self.mode or ("gradient" if obs.hypergradient is not None or nonfinite else "trials")
         if self.mode == "trials":
             return self._trial_search(ctl, obs, nonfinite)
         return self._gradient_search(ctl, obs, nonfinite)

@@ -488,6 +488,18 @@ def test_without_gradient_statistics_it_searches_by_cooled_trials():
     assert spent - c.kept <= 0.3 * c.budget_tokens  # within the search budget
 
 
+def test_a_first_segment_whose_measured_steps_were_all_skipped_is_too_high_not_a_loop_without_readings():
+    """Every step of the first segment's second half non-finite (skipped: the probe saw no step, so no reading): the
+    search still goes by the gradient, as from a too-high start: a cooldown, a trial lower from the initial weights.
+    (It took the missing reading for a loop without gradient statistics and tried a trial 10x higher.)"""
+    c = rl()
+    d = c.start(6.0)
+    d = c.step(ctl.Observation(tokens=INTERVAL * TPS, eval_loss=1e27, nonfinite_steps=9))
+    assert c.policy.mode == "gradient" and d.action == "cooldown" and d.save == "first"
+    d = c.step(ctl.Observation(tokens=(INTERVAL + c.cool_steps) * TPS, eval_loss=1e27, nonfinite_steps=12))
+    assert d.action == f"trial_x{10**-ctl.TRIAL_DOWN:.3g}" and d.load == "init"
+
+
 def test_state_dict_round_trip_mid_search_gives_identical_later_decisions():
     script = [(3.3, 0.02), (3.25, None), (3.2, -0.02), (2.9, None), (2.7, -0.2), (2.6, 0.01), (2.5, None), (2.4, None)]
     a, b = rl(), rl()
