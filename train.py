@@ -1056,8 +1056,12 @@ def optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_to
         total += loss.detach().float()
     step_loss = (total / gas).item()  # the step's one host sync
     # the update was skipped on every rank if any gradient was non-finite (DeepSpeed's ZeRO overflow check, or
-    # SkipNonFinite at stage 0); the loss can be non-finite on one rank only, so that part is reduced
-    nonfinite = model.skipped_steps > skipped_before or not math.isfinite(step_loss)
+    # SkipNonFinite at stage 0); the loss can be non-finite on one rank only, so that part is reduced. Under fp16 with
+    # a dynamic loss scale, a skip with a finite loss is the loss scaler's overflow: it lowers the scale and goes on
+    # (routine: a few at the start, one each time the scale grows back), so it is no fault of the lr
+    skipped = model.skipped_steps > skipped_before
+    scaler = skipped and model.fp16_enabled() and model.dynamic_loss_scale()
+    nonfinite = (skipped and not scaler) or not math.isfinite(step_loss)
     if accelerator.num_processes > 1:
         flag = torch.tensor(float(nonfinite), device=accelerator.device)
         nonfinite = accelerator.reduce(flag, reduction="sum").item() > 0

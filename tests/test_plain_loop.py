@@ -27,7 +27,7 @@ def cosine(steps):
     return lambda frac: min(1.0, (steps * frac + 1) / 31) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def run(base_lr, policy, seed=0, steps=1000, schedule=None, env=None):
+def run(base_lr, policy, seed=0, steps=1000, schedule=None, env=None, poison=()):
     torch.manual_seed(seed)
     x, w = torch.randn(4096, 16), torch.randn(16, 1)
     y = torch.sin(x @ w) + 0.1 * torch.randn(4096, 1)
@@ -42,6 +42,10 @@ def run(base_lr, policy, seed=0, steps=1000, schedule=None, env=None):
         with torch.no_grad():
             return torch.nn.functional.mse_loss(model(xv), yv).item()
 
+    def batch(pos):  # a batch at a position in `poison` has an infinite target: a corrupt record
+        i = order[pos * 32 : (pos + 1) * 32]
+        return model(x[i]), y[i] + (math.inf if pos in poison else 0.0)
+
     env = env if env is not None else {}
     env |= {
         "model": model,
@@ -50,7 +54,7 @@ def run(base_lr, policy, seed=0, steps=1000, schedule=None, env=None):
         "steps": steps,
         "tokens_per_step": 32,
         "evaluate": evaluate,
-        "batch": lambda pos: (model(x[order[pos * 32 : (pos + 1) * 32]]), y[order[pos * 32 : (pos + 1) * 32]]),
+        "batch": batch,
         "loss_fn": torch.nn.functional.mse_loss,
         "schedule": schedule or cosine(steps),
     }
@@ -84,6 +88,16 @@ def test_a_short_run_from_a_too_low_start_spends_exactly_its_budget():
 def test_a_start_10x_too_high_is_rescued(off):
     loss, spent = run(BEST_LR * 10, "rl")
     assert loss < off[BEST_LR * 10] / 5 and spent <= 1000 * 1.1, (loss, off)
+
+
+@pytest.mark.parametrize("policy", ["rl", "off"])
+def test_a_corrupt_batch_is_skipped_and_never_reaches_the_weights(policy, off):
+    """A batch with an infinite target at step 300: the snippet skips the update (Adam would write NaN into every
+    weight) and counts it for the controller (rl lowers the lr); the run ends finite, near a clean run's loss."""
+    env = {}
+    loss, _ = run(BEST_LR, policy, poison={300}, env=env)
+    assert env["skipped"] >= 1 and all(torch.isfinite(p).all() for p in env["model"].parameters())
+    assert math.isfinite(loss) and loss < off[BEST_LR] * 1.5, (loss, off[BEST_LR])
 
 
 def test_a_flat_schedule_ends_in_the_controllers_cooldown():

