@@ -1235,6 +1235,12 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
                     f"{consecutive_bad} consecutive non-finite steps at step {state.step} (updates skipped, weights "
                     "intact): lower --learning_rate or use --controller rl, which lowers it"
                 )
+            if controller.lr_scale <= controller.scale_lo:  # halved down to its floor and the fault goes on
+                fail(
+                    f"{consecutive_bad} consecutive non-finite steps at step {state.step} at the lowest lr the "
+                    f"controller may set ({state.learning_rate * controller.scale_lo:.3g}, --min_lr; updates skipped, "
+                    "weights intact): the fault persists; check the data, or lower --min_lr"
+                )
             probe.read(accelerator)
             d = decide(accelerator, controller, ctl.Observation(eval_loss=math.inf, **obs), state, slots, data)
             row = {"step": state.step, "tokens_seen": state.tokens_spent, "event": "nonfinite_rollback", "lr": lr}

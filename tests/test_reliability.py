@@ -376,6 +376,16 @@ def test_consecutive_nonfinite_steps_without_controller_stop_cleanly(tmp_path):
     assert "3 consecutive non-finite steps at step 7" in p.stderr
 
 
+def test_a_fault_that_persists_at_the_lowest_lr_stops_cleanly(tmp_path):
+    """Every forward from call 5 on is NaN: the controller halves the lr at each 3 in a row, down to --min_lr (here a
+    quarter of the lr: two halvings); 3 more at that floor stop the run with one line, weights intact, instead of
+    skipping every step to the end."""
+    bad = ",".join(str(i) for i in range(5, 40))
+    _, p = fault_launch(tmp_path, {"FAULT_CALLS": bad}, ["--controller", "plateau", "--min_lr", "7.5e-4"], check=False)
+    assert p.returncode != 0 and p.stdout.count("update skipped") == 9, p.stdout[-2000:]
+    assert "3 consecutive non-finite steps at step 13 at the lowest lr the controller may set (0.00075" in p.stderr
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_fault_on_one_rank_only_is_handled_on_both(tmp_path, stage):
     out, p = fault_launch(
