@@ -386,6 +386,28 @@ def test_a_fault_that_persists_at_the_lowest_lr_stops_cleanly(tmp_path):
     assert "3 consecutive non-finite steps at step 13 at the lowest lr the controller may set (0.00075" in p.stderr
 
 
+@pytest.mark.parametrize("controller", ["off", "rl"])
+def test_fp16_loss_scale_overflows_are_not_faults(tmp_path, controller):
+    """DeepSpeed's fp16 path run for real on the CPU (tests/fp16_cpu_run.py), its dynamic loss scale started at 2^24
+    so that the first steps overflow: DeepSpeed skips them and lowers the scale, which is routine; train.py counts none
+    as a non-finite step: `off` does not stop, `rl` does not roll back. (Before: `off` stopped at step 3, `rl` counted
+    15 non-finite steps, halved the lr twice and rolled back.)"""
+    with open(os.path.join(ROOT, "ds_config.json")) as f:
+        ds = json.load(f)
+    ds["fp16"] = {"enabled": "auto", "initial_scale_power": 24}
+    config = tmp_path / "ds_fp16.json"
+    config.write_text(json.dumps(ds))
+    out = str(tmp_path / "run")
+    flags = ["--mixed_precision", "fp16", "--deepspeed_config", str(config), "--controller", controller]
+    cmd = launch_cmd("tests/fp16_cpu_run.py") + [*TINY, "--output_dir", out, *flags]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    skipped = [int(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("[fp16] skipped_steps")]
+    res = results(out)
+    assert skipped[-1] >= 3 and res["nonfinite_steps"] == 0 and res["rollbacks"] == 0, (skipped, res)
+    assert_finite_model(out)
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_fault_on_one_rank_only_is_handled_on_both(tmp_path, stage):
     out, p = fault_launch(
