@@ -77,7 +77,10 @@ def parse_args(argv=None):
     a("--lr_find_steps", type=int, default=0, help="First an lr range test of this many steps (discarded); 0: off.")
     a("--cpu_threads", type=int, default=0, help="Torch threads per process on CPU (0: cores / local processes).")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: bf16 on a GPU that supports it, else no.")
-    a("--deepspeed_config", default="ds_config.json", help="DeepSpeed JSON; its 'auto' values come from these flags.")
+    a(
+        "--deepspeed_config",
+        help="DeepSpeed JSON; its 'auto' values come from these flags. Default: ds_config.json beside train.py.",
+    )
     a("--zero_stage", type=int, choices=[0, 1, 2, 3], help="Override zero_optimization.stage of the DeepSpeed JSON.")
     # evaluation, checkpoints, logging
     a = p.add_argument_group("evaluation, checkpoints, logging").add_argument
@@ -250,6 +253,8 @@ def check_files(args):
 
 def check_deepspeed_config(args):
     """Readable, and nothing in it that train.py decides itself."""
+    here = os.path.dirname(os.path.abspath(__file__))  # the default is the file beside train.py, from any directory
+    args.deepspeed_config = args.deepspeed_config or os.path.join(here, "ds_config.json")
     name = f"--deepspeed_config {args.deepspeed_config!r}"
     try:
         with open(args.deepspeed_config) as f:

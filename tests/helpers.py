@@ -47,10 +47,10 @@ def launch_cmd(script, processes=1, config=None, launcher=False):
     return cmd + [os.path.join(ROOT, script)]
 
 
-def launch(args, processes=1, config=None, check=True, launcher=False):
+def launch(args, processes=1, config=None, check=True, launcher=False, cwd=ROOT):
     cmd = launch_cmd("train.py", processes, config, launcher) + args
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p

@@ -44,9 +44,12 @@ RESULT_KEYS = {
 
 
 def test_default_data_one_process_zero2(tmp_path):
-    """Plain `accelerate launch train.py` (no config file): DeepSpeed ZeRO-2 on the shipped plays."""
+    """Plain `accelerate launch train.py` (no config file), from another directory (ds_config.json is the one beside
+    train.py): DeepSpeed ZeRO-2 on the shipped plays."""
     out = str(tmp_path / "run")
-    p = launch(TINY + ["--output_dir", out, "--with_tracking", "--final_eval_batches", "0"], launcher=True)
+    p = launch(
+        TINY + ["--output_dir", out, "--with_tracking", "--final_eval_batches", "0"], launcher=True, cwd=tmp_path
+    )
     assert "Running training" in p.stdout and "ZeRO-2" in p.stdout
     assert "[controller] step 4" in p.stdout and "Note: rl was measured" not in p.stdout  # warmup + cosine
     assert "rl cools" not in p.stdout
