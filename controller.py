@@ -791,12 +791,13 @@ class Controller:
     def step(self, obs):
         """obs: an Observation (or a dict of its fields). Returns a Decision.
 
-        Safety for the guarded policies: a non-finite step in the window or a non-finite eval loss (the loop
-        skipped those updates: the weights are intact) multiplies the lr by SAFETY_LR_FACTOR; so does an eval loss
-        more than SPIKE above the one before a move up, right after it (or in the segment after the commit that ends a
-        climb: slot "best" is still held), which also rolls back (once) to the weights from before it; and so does a
-        blow-up, a finite divergence whoever set the lr: an eval loss above BLOWUP x the best of the weights' history
-        (since the last load) and above the first eval loss read."""
+        Safety for the guarded policies: a non-finite step in the window (the loop skipped those updates: the weights
+        are intact; one alone, with a finite eval loss, is a bad record, not a fault) or a non-finite eval loss
+        multiplies the lr by SAFETY_LR_FACTOR; so does an eval loss more than SPIKE above the one before a move up,
+        right after it (or in the segment after the commit that ends a climb: slot "best" is still held), which also
+        rolls back (once) to the weights from before it; and so does a blow-up, a finite divergence whoever set the
+        lr: an eval loss above BLOWUP x the best of the weights' history (since the last load) and above the first eval
+        loss read."""
         if self.pending is None:
             raise RuntimeError("Controller.step() before Controller.start(): call start() once before training")
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
@@ -805,8 +806,8 @@ class Controller:
         self.kept, self.spent = self.kept + window, tokens
         if window > 0:
             self.tokens_per_step = window / (self.pending.steps or self.interval) / self.grad_accum * self.ref_accum
-        nonfinite = obs.nonfinite_steps > self.nonfinite_seen
-        self.nonfinite_seen = obs.nonfinite_steps
+        skipped, self.nonfinite_seen = obs.nonfinite_steps - self.nonfinite_seen, obs.nonfinite_steps
+        nonfinite = skipped > 0
         ref = window * self.ref_accum / self.grad_accum  # the window's tokens at the starting batch
         self.decisions += 1
         unread = callable(obs.eval_loss) and not self.policy.guarded and self.policy.skips_loss(self, obs, nonfinite)
@@ -817,6 +818,8 @@ class Controller:
             if callable(obs.eval_loss):  # read now: the policy gets the number
                 obs = dataclasses.replace(obs, eval_loss=obs.eval_loss())
             loss = float(obs.eval_loss)
+            if self.policy.guarded and skipped == 1 and math.isfinite(loss):
+                nonfinite = False  # one skipped step in a segment is a bad record, not a divergence (two are)
             reward = 0.0 if self.last_loss is None else compute_reward(self.last_loss, loss, window, ref, nonfinite)
             # a fault: a non-finite step or loss; right after the controller raised the lr (slot "best" is held), a
             # spike above the loss from before the move; or a blow-up, whoever set the lr: above twice the best of

@@ -563,14 +563,20 @@ def test_bad_arguments_are_refused_with_an_error_naming_them(bad, name):
 
 
 def test_safety_ignores_the_runs_own_ups_and_downs_and_lowers_the_lr_on_nonfinite():
+    """Two skipped steps in a segment, or a non-finite eval loss, halve the lr; one skipped step alone is a bad record
+    (the loop skipped it: the weights are intact), not a divergence: halving the lr for it cost a plain loop 50%."""
     c = make("plateau")
     c.start()
     c.step({"tokens": 1000, "eval_loss": 3.0})
     d = c.step({"tokens": 2000, "eval_loss": 3.0 * 1.5})  # a jump the controller did not cause: not its to undo
     assert d.action != "rollback" and c.lr_scale == 1.0
-    d = c.step({"tokens": 3000, "eval_loss": 2.9, "nonfinite_steps": 1})
+    d = c.step({"tokens": 3000, "eval_loss": 4.6, "nonfinite_steps": 1})  # one, even while the loss rose
+    assert d.action != "rollback" and d.reward < 0 and d.reward != -ctl.MAX_REWARD and c.lr_scale == 1.0
+    d = c.step({"tokens": 4000, "eval_loss": 2.9, "nonfinite_steps": 3})
     assert d.action == "rollback" and d.reward == -ctl.MAX_REWARD and not d.load
     assert c.lr_scale == pytest.approx(ctl.SAFETY_LR_FACTOR)
+    d = c.step({"tokens": 5000, "eval_loss": math.inf, "nonfinite_steps": 4})
+    assert d.action == "rollback" and c.lr_scale == pytest.approx(ctl.SAFETY_LR_FACTOR**2)
 
 
 def test_a_blow_up_halves_the_lr_whoever_set_it_but_a_late_rise_near_zero_does_not():

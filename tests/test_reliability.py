@@ -352,13 +352,16 @@ def test_one_nan_is_one_skipped_step_at_zero_stage_0(tmp_path):
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
 def test_isolated_nonfinite_steps_are_skipped(tmp_path, kind):
-    out, p = fault_launch(tmp_path, {"FAULT_CALLS": "6,11", "FAULT_KIND": kind}, ["--controller", "plateau"])
-    assert p.stdout.count("update skipped") == 2
+    """Steps 6, 7 (one segment: a fault) and 11 (alone in its segment: a bad record, not a fault), not in a row."""
+    out, p = fault_launch(tmp_path, {"FAULT_CALLS": "6,7,11", "FAULT_KIND": kind}, ["--controller", "plateau"])
+    assert p.stdout.count("update skipped") == 3
     res = results(out)
-    assert res["nonfinite_steps"] == 2 and res["eval_loss"] < 5.9  # below ln(384) = 5.95 at init: still learning
+    assert res["nonfinite_steps"] == 3 and res["eval_loss"] < 5.9  # below ln(384) = 5.95 at init: still learning
     assert_finite_model(out)
-    # the controller saw it: the decision after the fault earned the strong negative reward
-    assert any(r.get("controller/reward") == -1.0 for r in rows(out))
+    # the controller saw it: two skipped steps earned the strong negative reward and halved the lr, one did not
+    decided = {r["step"]: r for r in rows(out) if "controller/action" in r}
+    assert decided[8]["controller/reward"] == -1.0 and decided[8]["controller/lr_scale"] == 0.5, decided[8]
+    assert decided[12]["controller/reward"] != -1.0 and decided[12]["controller/lr_scale"] == 0.5, decided[12]
 
 
 def test_consecutive_nonfinite_steps_lower_the_lr_at_once(tmp_path):
