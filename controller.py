@@ -212,7 +212,10 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      can win the comparison and blow up later (an autoencoder from 3x its best lr: its trial's cooled loss 4x the
 #      start's).
 #      The first segment and the trial are sized so that one trial and its two cooldowns fit the search budget (at
-#      most the interval, at least MIN_TRIAL steps);
+#      most the interval, at least MIN_TRIAL steps). In a run too short for that (under 90 steps at 10%) a suspicion
+#      cannot be settled, so only a first segment that blew up (its eval loss above BLOWUP x the initial one, which
+#      the loop then passes to start(); at 60 steps no good start of ten plain loops went above 1.28x) restarts a
+#      decade lower from the initial weights, uncompared, if the search budget holds the discarded segment;
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      by UP_GAIN * |h| decades, at most FIRST_UP_MAX after the first reading (which reads "too low" even at the
@@ -288,6 +291,10 @@ class Off:
 
     def skips_loss(self, ctl, obs, nonfinite):
         """Whether this decision does without the eval loss (asked only when the loop passes a function for it)."""
+        return False
+
+    def needs_init_loss(self, ctl):
+        """Whether a decision may need the initial weights' eval loss (asked only when the loop passes a function)."""
         return False
 
     def state_dict(self):
@@ -399,6 +406,10 @@ class RL(Off):
             return self._trial_search(ctl, obs, nonfinite)
         return self._gradient_search(ctl, obs, nonfinite)
 
+    def needs_init_loss(self, ctl):
+        """A run too short for a trial restarts lower when its first segment blew up: above BLOWUP x this loss."""
+        return not ctl.trial_fits
+
     def skips_loss(self, ctl, obs, nonfinite):
         """In the hypergradient search, the end of a trial (its cooldown follows) and of a first segment that already
         reads too high (h > 0: a cooldown and a lower trial follow) need no eval loss: the cooled one decides."""
@@ -477,6 +488,22 @@ class RL(Off):
                 self.stage, self.trial_scale = "cool_first", ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
                 return self._cooldown(ctl, "first")
             self.stage = "climb"
+            down = ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
+            blew_up = loss is not None and ctl.init_loss is not None and loss > BLOWUP * ctl.init_loss
+            if blew_up and not reads_too_low(h) and down != ctl.lr_scale and ctl.room(obs.tokens, 0, 0):
+                # no trial to settle it (a short run), but the first segment blew up and discarding it fits the
+                # search budget: a decade lower from the initial weights, uncompared (see the top)
+                ctl.lr_scale, self.history, ctl.best = down, 0, math.inf
+                return Decision(
+                    down,
+                    ctl.grad_accum,
+                    steps=ctl.trial_segment(),
+                    action="restart_down",
+                    load="init",
+                    drop=("init",),
+                    measure=True,
+                    phase="search",
+                )
             return self._climb(ctl, h, drop=("init",))
         if self.stage == "cool_first":
             self.first["cooled"], self.stage = loss, "trial"
@@ -764,6 +791,8 @@ class Controller:
         while self.trial_steps > MIN_TRIAL and self.trial_steps + 2 * cooldown_steps(self.trial_steps) > limit:
             self.trial_steps -= 1
         self.cool_steps = cooldown_steps(self.trial_steps)
+        self.trial_fits = self.trial_steps + 2 * self.cool_steps <= limit
+        self.init_loss = None  # the initial weights' eval loss, if read (start())
         self.rng = random.Random(seed)
         self.decisions = 0
         self.nonfinite_seen = 0  # non-finite steps already accounted for
@@ -779,8 +808,11 @@ class Controller:
         self.pending = None  # the decision being carried out
 
     def start(self, eval_loss=None):
-        """Call once before training, with the eval loss of the initial weights if known; apply the
-        returned decision."""
+        """Call once before training, with the eval loss of the initial weights if known, or a function that returns
+        it (called only if a decision may need it: rl in a run too short for a trial); apply the returned decision."""
+        if callable(eval_loss):
+            eval_loss = eval_loss() if self.policy.needs_init_loss(self) else None
+        self.init_loss = eval_loss
         d = self.policy.start(self, eval_loss)
         if eval_loss is not None and math.isfinite(eval_loss):
             self.first_loss, self.line_best = eval_loss, eval_loss

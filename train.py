@@ -1101,6 +1101,16 @@ def evaluate(accelerator, model, eval_dl, max_batches, schedulefree_opt=None):
     return (tot[0] / tot[2]).item(), (tot[1] / tot[2]).item()
 
 
+def initial_eval(args, accelerator, model, eval_dl, sf_opt):
+    """The initial weights' eval loss (for the controller; printed, not a metrics row)."""
+    loss = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)[0]
+    say(
+        accelerator,
+        f"[controller] initial eval_loss {loss:.4f} (no trial fits: a first segment above 2x restarts lower)",
+    )
+    return loss
+
+
 def apply_decision(d, state, slots, data):
     """A controller decision, the same on every rank: save a slot, load one (a rollback: weights, optimizer,
     data position), free the ones no longer needed, set the accumulation (DeepSpeed follows at the next step)."""
@@ -1568,8 +1578,10 @@ def main(argv=None):
     if sf_opt is not None:
         sf_opt.train()
     t_start = time.time()  # the wall time counts the controller's start (rl saves the initial weights) and the loop
-    if not saved:
-        apply_decision(controller.start(), state, slots, data)
+    if not saved:  # the initial weights' eval loss: read only if the controller may need it (a short run)
+        apply_decision(
+            controller.start(lambda: initial_eval(args, accelerator, model, eval_dl, sf_opt)), state, slots, data
+        )
     probe = GradientProbe(base_optimizer(model))
     wall = time.time() - t_start
     wall += train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, probe, micro_tokens)

@@ -132,6 +132,31 @@ def run(c, script):
     return decisions, spent, c.kept
 
 
+def test_a_run_too_short_for_a_trial_restarts_lower_only_when_its_first_segment_blew_up():
+    """60 steps at 10%: 6 steps to discard, no room for a trial (the first segment is MIN_TRIAL steps). The initial
+    eval loss is read then, and only then; a first segment whose loss rose above BLOWUP x it restarts a decade lower
+    from the initial weights (its steps fit the budget); one that read too high but did not blow up goes on."""
+    calls = []
+
+    def initial():
+        calls.append(1)
+        return 2.0
+
+    rl(tokens_per_step=TPS).start(initial)
+    assert not calls  # a trial fits: not needed, not read
+    for loss, restart in ((4.5, True), (3.9, False)):
+        c = rl(budget_steps=60, tokens_per_step=TPS)
+        d = c.start(initial)
+        assert d.save == "init" and d.steps == ctl.MIN_TRIAL
+        d = c.step(ctl.Observation(tokens=d.steps * TPS, eval_loss=loss, progress=0.08, hypergradient=0.05))
+        if restart:
+            assert d.action == "restart_down" and d.load == "init" and c.lr_scale == pytest.approx(0.1)
+            assert c.history_budget() == 60 * TPS  # 5 steps discarded: within the 10%
+        else:
+            assert d.action == "commit" and not d.load and c.lr_scale == 1.0
+    assert len(calls) == 2
+
+
 def test_good_start_commits_without_wasting_trials():
     """h slightly negative in the first segment (not too high, not clearly too low): the run commits at the lr it
     started with after one segment; nothing is loaded, nothing discarded, every slot freed."""

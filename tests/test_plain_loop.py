@@ -90,6 +90,14 @@ def test_a_start_10x_too_high_is_rescued(off):
     assert loss < off[BEST_LR * 10] / 5 and spent <= 1000 * 1.1, (loss, off)
 
 
+def test_a_short_run_whose_first_segment_blew_up_restarts_lower():
+    """60 steps from 100x the best lr: too short for a trial, but the first 5 steps more than doubled the initial loss
+    (the snippet passes `evaluate` to start()): a decade lower from the initial weights, within the 10%."""
+    loss_off, _ = run(BEST_LR * 100, "off", steps=60)
+    loss, spent = run(BEST_LR * 100, "rl", steps=60)
+    assert loss < loss_off / 2 and spent <= 66, (loss, loss_off, spent)
+
+
 @pytest.mark.parametrize("policy", ["rl", "off"])
 def test_a_corrupt_batch_is_skipped_and_never_reaches_the_weights(policy, off):
     """A batch with an infinite target at step 300: the snippet skips the update (Adam would write NaN into every

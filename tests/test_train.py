@@ -53,6 +53,7 @@ def test_default_data_one_process_zero2(tmp_path):
     assert "Running training" in p.stdout and "ZeRO-2" in p.stdout
     assert "[controller] step 4" in p.stdout and "Note: rl was measured" not in p.stdout  # warmup + cosine
     assert "rl cools" not in p.stdout
+    assert "[controller] initial eval_loss" in p.stdout  # 16 steps: no trial fits; start() reads the initial loss
     blocks = int(re.search(r"train blocks = (\d+)", p.stdout).group(1))  # the epochs the budget makes: tokens / data
     tokens, epochs = re.search(r"= ([\d,]+) tokens = ([\d.e+-]+) epochs", p.stdout).groups()
     assert float(epochs) == float(f"{int(tokens.replace(',', '')) / (blocks * 32):.3g}")
@@ -99,6 +100,7 @@ def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path
         out[name] = str(tmp_path / name)
         p = launch(TINY + SEARCH + ["--output_dir", out[name], *extra])
         assert f"rollback slots: {'disk' if name == 'disk' else 'memory'}" in p.stdout
+        assert "initial eval_loss" not in p.stdout  # a trial fits: the initial loss is not needed, not evaluated
     a, b = results(out["memory"]), results(out["inside"])
     assert a["tokens_kept"] == budget and 0 < a["tokens_discarded"] <= 0.9 * budget and a["rollbacks"] > 0
     assert a["tokens_seen"] == budget + a["tokens_discarded"]
