@@ -810,9 +810,9 @@ class Controller:
     def start(self, eval_loss=None):
         """Call once before training, with the eval loss of the initial weights if known, or a function that returns
         it (called only if a decision may need it: rl in a run too short for a trial); apply the returned decision."""
-        if callable(eval_loss):
-            eval_loss = eval_loss() if self.policy.needs_init_loss(self) else None
         self.init_loss = eval_loss
+        if callable(eval_loss):  # read for rl's restart alone (the safety net's losses start with the first segment)
+            self.init_loss, eval_loss = eval_loss() if self.policy.needs_init_loss(self) else None, None
         d = self.policy.start(self, eval_loss)
         if eval_loss is not None and math.isfinite(eval_loss):
             self.first_loss, self.line_best = eval_loss, eval_loss
