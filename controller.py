@@ -484,26 +484,16 @@ class RL(Off):
         self.history += 1
         if self.stage == "first":  # 1. a suspicion, settled by one trial from the initial weights
             self.first = {"scale": ctl.lr_scale, "raw": loss, "h": h, "slot": "first"}
+            down = ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)  # a trial's lr, or a restart's
             if self._first_cools(ctl, obs, loss):
-                self.stage, self.trial_scale = "cool_first", ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
+                self.stage, self.trial_scale = "cool_first", down
                 return self._cooldown(ctl, "first")
             self.stage = "climb"
-            down = ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
             blew_up = loss is not None and ctl.init_loss is not None and loss > BLOWUP * ctl.init_loss
             if blew_up and not reads_too_low(h) and down != ctl.lr_scale and ctl.room(obs.tokens, 0, 0):
                 # no trial to settle it (a short run), but the first segment blew up and discarding it fits the
                 # search budget: a decade lower from the initial weights, uncompared (see the top)
-                ctl.lr_scale, self.history, ctl.best = down, 0, math.inf
-                return Decision(
-                    down,
-                    ctl.grad_accum,
-                    steps=ctl.trial_segment(),
-                    action="restart_down",
-                    load="init",
-                    drop=("init",),
-                    measure=True,
-                    phase="search",
-                )
+                return self._restart(ctl, down, "restart_down", ("init",), steps=ctl.trial_segment())
             return self._climb(ctl, h, drop=("init",))
         if self.stage == "cool_first":
             self.first["cooled"], self.stage = loss, "trial"
@@ -529,24 +519,22 @@ class RL(Off):
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
                 win["slot"],
             )
-            if both_high:  # another decade down, from the initial weights: a fresh history, whose first reading is
-                # capped as a first one and whose losses are a new best
-                ctl.lr_scale = ctl.clip(win["scale"] * 10**-TRIAL_DOWN)
-                self.history, ctl.best = 0, math.inf
-                return Decision(
-                    ctl.lr_scale,
-                    ctl.grad_accum,
-                    action=f"pick_x{win['scale']:.3g}_then_down_from_init",
-                    load="init",
-                    drop=drop,
-                    measure=True,
-                    phase="search",
-                )
+            if both_high:  # another decade down, from the initial weights
+                down = ctl.clip(win["scale"] * 10**-TRIAL_DOWN)
+                return self._restart(ctl, down, f"pick_x{win['scale']:.3g}_then_down_from_init", drop)
             d = self._climb(ctl, win["h"], load=win["slot"], drop=drop)
             d.action = f"pick_x{win['scale']:.3g}" + ("" if d.action in ("keep", "commit") else "_then_" + d.action)
             return d
         flat = obs.schedule is not None and obs.schedule == self.schedule_seen and ctl.kept != self.schedule_kept
         return self._climb(ctl, h, flat=flat)
+
+    def _restart(self, ctl, scale, action, drop, steps=0):
+        """From the initial weights at lr x scale: a fresh history, whose first reading is capped as a first one and
+        whose losses are a new best."""
+        ctl.lr_scale, self.history, ctl.best = scale, 0, math.inf
+        return Decision(
+            scale, ctl.grad_accum, steps=steps, action=action, load="init", drop=drop, measure=True, phase="search"
+        )
 
     def _climb(self, ctl, h, load="", drop=(), flat=False):
         """2-3: up from the live weights while the hypergradient says too low, one step per segment; one step past
