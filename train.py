@@ -1106,7 +1106,7 @@ def initial_eval(args, accelerator, model, eval_dl, sf_opt):
     loss = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)[0]
     say(
         accelerator,
-        f"[controller] initial eval_loss {loss:.4f} (no trial fits: a first segment above 2x restarts lower)",
+        f"[controller] initial eval_loss {loss:.4f} (no trial fits: a first segment above {ctl.BLOWUP:g}x it restarts)",
     )
     return loss
 
