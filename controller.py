@@ -340,14 +340,15 @@ class Plateau(Off):
 class RL(Off):
     """Search, then online; every decision at the end of a segment the policy asked for.
 
-    Search by the hypergradient h (when the loop measures it). After the first segment, h > 0 suspects a too-high
-    lr; the suspicion is settled by one trial a decade lower from the initial weights on the same batches, both
-    compared after a short cooldown: the trial's reward is its cooled improvement over the first segment
-    (compute_reward), and the better one's weights go on; the trial's also when it loses but reads too low (the best
-    lr is then between the two, and the comparison favours the higher lr), unless it lost by more than SPIKE to a
-    start that read within LOW_H of 0 (a suspicion no clear reading carried). Up only from the live weights, while h
-    says too low (a too-low lr does no damage), then one step past where it stopped saying so (under a flat schedule a
-    probe only: the commit goes back below it), then commit. At a good start no trial runs and nothing is discarded.
+    Search by the hypergradient h (when the loop measures it). After the first segment, h > 0 suspects a too-high lr;
+    the suspicion is settled by one trial a decade lower from the initial weights on the same batches, both compared
+    after a short cooldown (in a run too short for a trial, only a first segment that blew up restarts a decade lower
+    from the initial weights, uncompared): the trial's reward is its cooled improvement over the first segment
+    (compute_reward), and the better one's weights go on; the trial's also when it loses but reads too low (the best lr
+    is then between the two, and the comparison favours the higher lr), unless it lost by more than SPIKE to a start
+    that read within LOW_H of 0 (a suspicion no clear reading carried). Up only from the live weights, while h says too
+    low (a too-low lr does no damage), then one step past where it stopped saying so (under a flat schedule a probe
+    only: the commit goes back below it), then commit. At a good start no trial runs and nothing is discarded.
 
     Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
     cooldown and compared by the cooled loss; the direction of the next trial is drawn from preferences that
@@ -794,6 +795,7 @@ class Controller:
         self.slot_kept = {}  # self.kept when each slot was saved
         self.slot_loss = {}  # eval loss of each saved slot
         self.pending = None  # the decision being carried out
+        self.reloading = False  # the last decision was a safety rollback that kept its slot for one more
 
     def start(self, eval_loss=None):
         """Call once before training, with the eval loss of the initial weights if known, or a function that returns
@@ -815,7 +817,8 @@ class Controller:
         are intact; one alone, with a finite eval loss, is a bad record, not a fault) or a non-finite eval loss
         multiplies the lr by SAFETY_LR_FACTOR; so does an eval loss more than SPIKE above the one before a move up,
         right after it (or in the segment after the commit that ends a climb: slot "best" is still held), which also
-        rolls back (once) to the weights from before it; and so does a blow-up, a finite divergence whoever set the
+        rolls back to the weights from before it (once; twice in a row when they come back damaged: a non-finite or
+        blown-up loss); and so does a blow-up, a finite divergence whoever set the
         lr: an eval loss above BLOWUP x the best of the weights' history (since the last load) and above the first eval
         loss read."""
         if self.pending is None:
@@ -860,17 +863,23 @@ class Controller:
             self.lr_scale = self.clip(self.lr_scale * SAFETY_LR_FACTOR)
             if spike:  # a move up punished harder than an undo: its lr goes back at least as far
                 self.lr_scale = self.policy.punished(self.lr_scale)
-            load = "best" if "best" in self.slot_loss else ""  # once: the slot is freed (a fault that persists, such as
-            # a bad batch, would otherwise bring the same weights and batches back for ever)
+            load = "best" if "best" in self.slot_loss else ""
+            # at most twice in a row: the slot is freed (a fault that persists, such as a bad batch, would otherwise
+            # bring the same weights and batches back for ever); kept for a second rollback only when this one found
+            # damaged weights (a non-finite or blown-up loss: at an lr on the edge of stability, the weights from
+            # before the move can diverge again at the halved lr; skipped steps leave the weights intact)
+            again = load and not self.reloading and (not math.isfinite(loss) or blowup)
+            self.reloading = bool(again)
             d = Decision(
                 self.lr_scale,
                 self.grad_accum,
                 action="rollback",
                 load=load,
-                drop=(load,) if load else (),
+                drop=(load,) if load and not again else (),
                 phase="safety",
             )
         else:
+            self.reloading = False
             d = self.policy.decide(self, obs, reward, nonfinite)
         d.reward = reward
         d.stop = self.patience is not None and self.since_best >= self.patience

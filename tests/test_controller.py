@@ -285,6 +285,29 @@ def test_the_safety_net_rolls_back_once_and_judges_a_move_by_the_loss_before_it(
     assert [d.action for d in decisions[1:]] == ["rollback", "commit", "keep"] and decisions[1].drop == ("best",)
 
 
+def test_weights_that_come_back_damaged_get_one_more_rollback_at_a_lower_lr():
+    """At an lr on the edge of stability (an autoencoder at its best lr over 60 steps: a step past, non-finite, the
+    weights from before it diverged again at half the lr, and the run ended at an infinite loss) a rollback that finds
+    damaged weights (a non-finite or blown-up loss) keeps its slot for a second one, at half the lr again; never a
+    third, and never for skipped steps alone (the weights are intact) or a finite spike."""
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.12), (math.inf, None), (math.inf, None), (math.inf, None)])
+    assert [d.action for d in decisions] == ["up_x1.78", "rollback", "rollback", "rollback"]
+    assert [(d.load, d.drop) for d in decisions[1:]] == [("best", ()), ("best", ("best",)), ("", ())]
+    assert c.lr_scale == pytest.approx(10**ctl.FIRST_UP_MAX * ctl.SAFETY_LR_FACTOR**3) and c.slot_kept == {}
+    c = rl()  # the second rollback's weights recover: the policy goes on and frees the slot
+    decisions, *_ = run(c, [(4.5, -0.12), (13.0, -0.01), (4.4, -0.01), (4.3, -0.01)])
+    assert [d.action for d in decisions[1:]] == ["rollback", "commit", "keep"]
+    assert decisions[1].drop == () and "best" not in c.slot_kept
+    for fault, skipped in [(4.4, 2), (4.5 * 1.5, 0)]:  # intact weights (two skipped steps); a finite spike
+        c = rl()
+        d, spent = c.start(6.0), 0
+        for loss, h, nf in [(4.5, -0.12, 0), (fault, None, skipped)]:
+            spent += (d.steps or INTERVAL) * TPS
+            d = c.step(ctl.Observation(tokens=spent, eval_loss=loss, hypergradient=h, nonfinite_steps=nf))
+        assert d.action == "rollback" and d.load == "best" and d.drop == ("best",), (fault, skipped)
+
+
 def test_a_spike_in_the_segment_after_a_climbs_commit_rolls_back_to_before_the_last_move():
     """A move's damage can show a segment late (an SGD MLP over 2000 steps: a step past inside its lr warmup, the
     commit, then the loss at chance level, ln 10, for the rest of the run; no slot was left): the weights from before
