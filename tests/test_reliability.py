@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/test_reliability.py      (about 6 minutes on 2 CP
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -387,6 +388,25 @@ def test_a_fault_that_persists_at_the_lowest_lr_stops_cleanly(tmp_path):
     _, p = fault_launch(tmp_path, {"FAULT_CALLS": bad}, ["--controller", "plateau", "--min_lr", "7.5e-4"], check=False)
     assert p.returncode != 0 and p.stdout.count("update skipped") == 9, p.stdout[-2000:]
     assert "3 consecutive non-finite steps at step 13 at the lowest lr the controller may set (0.00075" in p.stderr
+
+
+@pytest.mark.parametrize("slots", ["memory", "disk"])
+def test_weights_that_come_back_damaged_are_rolled_back_to_the_same_slot_twice(tmp_path, slots):
+    """From a too-low lr the climb moves up at step 4 (slot best: the weights from before the move); the evaluations
+    at steps 8 and 12 (eval forward calls 5-8: the initial evaluation is calls 1-2) read NaN, as diverged weights
+    would: two rollbacks to the same slot at a halved lr each (the first keeps it, the second frees it), then the run
+    goes on from it, finite to the end."""
+    flags = ["--controller", "rl", "--learning_rate", "1e-4", "--max_train_steps", "32", "--controller_slots", slots]
+    out, p = fault_launch(tmp_path, {"FAULT_EVAL_CALLS": "5,6,7,8"}, flags)
+    decided = {r["step"]: r for r in rows(out) if "controller/action" in r}
+    assert [decided[s]["controller/action"] for s in (4, 8, 12)] == ["up_x1.78", "rollback", "rollback"], decided
+    safety = "safety: rollback reward -1.0000 lr_scale"
+    assert f"step 8 tokens 1024 {safety} 0.889 grad_accum 1 load best\n" in p.stdout, p.stdout[-3000:]
+    assert f"step 12 tokens 1536 {safety} 0.445 grad_accum 1 load best drop best" in p.stdout
+    assert decided[16]["controller/action"] == "commit" and math.isfinite(decided[16]["eval_loss"])
+    res = results(out)
+    assert res["rollbacks"] == 2 and res["tokens_discarded"] == 2 * 4 * 4 * 32 and math.isfinite(res["eval_loss"])
+    assert_finite_model(out)
 
 
 @pytest.mark.parametrize("controller", ["off", "rl"])
