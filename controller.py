@@ -731,7 +731,8 @@ class Controller:
     tokens_per_step: the tokens of one optimizer step at the starting batch, if known before the first segment
     (then a short run's first segment and trials are shortened until one trial fits the search budget).
     search_in_budget: the loop counts discarded tokens inside budget_tokens (its history ends that much earlier).
-    An argument it cannot work with raises a ValueError that names it.
+    An argument it cannot work with raises a ValueError that names it; so does an Observation whose running counts
+    (tokens, nonfinite_steps) go back, or whose eval_loss is None.
     """
 
     def __init__(
@@ -825,6 +826,20 @@ class Controller:
             raise RuntimeError("Controller.step() before Controller.start(): call start() once before training")
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
         tokens = int(obs.tokens)
+        if obs.eval_loss is None:
+            raise ValueError(
+                "Observation.eval_loss is None: pass the validation loss (inf if not finite) or a callable"
+            )
+        if tokens < self.last_tokens:
+            raise ValueError(
+                f"Observation.tokens went back from {self.last_tokens} to {tokens}: pass the training tokens spent so "
+                "far, discarded segments included (a running count that a rollback does not reset)"
+            )
+        if obs.nonfinite_steps < self.nonfinite_seen:
+            raise ValueError(
+                f"Observation.nonfinite_steps went back from {self.nonfinite_seen} to {obs.nonfinite_steps}: pass the "
+                "optimizer steps skipped as non-finite so far (a running count, not the segment's)"
+            )
         window = tokens - self.last_tokens  # the segment just run
         self.kept, self.spent = self.kept + window, tokens
         if window > 0:

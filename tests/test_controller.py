@@ -584,6 +584,18 @@ def test_a_step_before_start_says_so():
         make("rl").step({"tokens": 100, "eval_loss": 2.0})
 
 
+def test_an_observation_that_breaks_the_running_counts_is_refused_with_the_field_named():
+    """tokens and nonfinite_steps are running counts (a rollback resets neither); a loop that passes the kept tokens
+    or a segment's own count would otherwise mislead the safety net and the search budget without an error."""
+    for field, first, then in [("tokens", 200, 100), ("nonfinite_steps", 2, 0), ("eval_loss", 2.0, None)]:
+        c = make("rl")
+        c.start()
+        obs = {"tokens": 100, "eval_loss": 2.0, "nonfinite_steps": 0, "hypergradient": -0.1}
+        c.step(obs | {field: first})
+        with pytest.raises(ValueError, match=f"Observation.{field}"):
+            c.step(obs | {"tokens": 300, field: then})
+
+
 BAD_ARGUMENTS = [
     ({"lr": 0.0}, "lr"),
     ({"lr": math.nan}, "lr"),  # a NaN lr would reach the loop's optimizer
