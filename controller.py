@@ -796,7 +796,6 @@ class Controller:
         self.slot_kept = {}  # self.kept when each slot was saved
         self.slot_loss = {}  # eval loss of each saved slot
         self.pending = None  # the decision being carried out
-        self.reloading = False  # the last decision was a safety rollback that kept its slot for one more
 
     def start(self, eval_loss=None):
         """Call once before training, with the eval loss of the initial weights if known, or a function that returns
@@ -819,9 +818,8 @@ class Controller:
         multiplies the lr by SAFETY_LR_FACTOR; so does an eval loss more than SPIKE above the one before a move up,
         right after it (or in the segment after the commit that ends a climb: slot "best" is still held), which also
         rolls back to the weights from before it (once; twice in a row when they come back damaged: a non-finite or
-        blown-up loss); and so does a blow-up, a finite divergence whoever set the
-        lr: an eval loss above BLOWUP x the best of the weights' history (since the last load) and above the first eval
-        loss read."""
+        blown-up loss); and so does a blow-up, a finite divergence whoever set the lr: an eval loss above BLOWUP x the
+        best of the weights' history (since the last load) and above the first eval loss read."""
         if self.pending is None:
             raise RuntimeError("Controller.step() before Controller.start(): call start() once before training")
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
@@ -883,8 +881,8 @@ class Controller:
             # bring the same weights and batches back for ever); kept for a second rollback only when this one found
             # damaged weights (a non-finite or blown-up loss: at an lr on the edge of stability, the weights from
             # before the move can diverge again at the halved lr; skipped steps leave the weights intact)
-            again = load and not self.reloading and (not math.isfinite(loss) or blowup)
-            self.reloading = bool(again)
+            reloaded = self.pending.phase == "safety" and self.pending.load  # the decision before loaded it already
+            again = load and not reloaded and (not math.isfinite(loss) or blowup)
             d = Decision(
                 self.lr_scale,
                 self.grad_accum,
@@ -894,7 +892,6 @@ class Controller:
                 phase="safety",
             )
         else:
-            self.reloading = False
             d = self.policy.decide(self, obs, reward, nonfinite)
         d.reward = reward
         d.stop = self.patience is not None and self.since_best >= self.patience
