@@ -418,11 +418,16 @@ class RL(Off):
             return False
         return self.stage == "trial" or (self.stage == "first" and self._first_cools(ctl, obs, None))
 
+    @staticmethod
+    def _down(ctl, scale):
+        """The lr scale TRIAL_DOWN decades below `scale`, within the lr's bounds: a down trial's or a restart's."""
+        return ctl.clip(scale * 10**-TRIAL_DOWN)
+
     def _first_cools(self, ctl, obs, loss):
         """After the first segment: a cooldown, then a trial lower by TRIAL_DOWN decades from the initial weights,
         when it reads too high (h > 0) or its loss is not finite (None: not read), if the lr can go lower and the
         search budget holds the trial and both cooldowns."""
-        down = ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)
+        down = self._down(ctl, ctl.lr_scale)
         cost = ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps)
         too_high = loss == math.inf or obs.hypergradient > 0
         return too_high and down != ctl.lr_scale and ctl.room(obs.tokens, cost, ctl.kept)
@@ -485,7 +490,7 @@ class RL(Off):
         self.history += 1
         if self.stage == "first":  # 1. a suspicion, settled by one trial from the initial weights
             self.first = {"scale": ctl.lr_scale, "raw": loss, "h": h, "slot": "first"}
-            down = ctl.clip(ctl.lr_scale * 10**-TRIAL_DOWN)  # a trial's lr, or a restart's
+            down = self._down(ctl, ctl.lr_scale)  # a trial's lr, or a restart's
             if self._first_cools(ctl, obs, loss):
                 self.stage, self.trial_scale = "cool_first", down
                 return self._cooldown(ctl, "first")
@@ -521,7 +526,7 @@ class RL(Off):
                 win["slot"],
             )
             if both_high:  # another decade down, from the initial weights
-                down = ctl.clip(win["scale"] * 10**-TRIAL_DOWN)
+                down = self._down(ctl, win["scale"])
                 return self._restart(ctl, down, f"pick_x{win['scale']:.3g}_then_down_from_init", drop)
             d = self._climb(ctl, win["h"], load=win["slot"], drop=drop)
             d.action = f"pick_x{win['scale']:.3g}" + ("" if d.action in ("keep", "commit") else "_then_" + d.action)
