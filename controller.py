@@ -279,7 +279,7 @@ class Off:
 
     guarded = False  # the controller's safety rollback does not apply
 
-    def start(self, ctl, init_loss):
+    def start(self, ctl):
         return Decision(ctl.lr_scale, ctl.grad_accum, action="start", phase="start")
 
     def decide(self, ctl, obs, reward, nonfinite):
@@ -379,7 +379,7 @@ class RL(Off):
     def guarded(self):  # the safety net applies to the online phase and to the climb
         return self.phase == "online" or self.stage == "climb"
 
-    def start(self, ctl, init_loss):
+    def start(self, ctl):
         self.trials.append({"scale": 1.0, "raw": None, "cooled": None, "slot": "trial0"})
         steps = ctl.trial_segment()
         return Decision(1.0, ctl.grad_accum, steps=steps, action="start", save="init", measure=True, phase="search")
@@ -803,15 +803,14 @@ class Controller:
         self.pending = None  # the decision being carried out
 
     def start(self, eval_loss=None):
-        """Call once before training, with the eval loss of the initial weights if known, or a function that returns
-        it (called only if a decision may need it: rl in a run too short for a trial); apply the returned decision."""
-        self.init_loss = eval_loss
-        if callable(eval_loss):  # read for rl's restart alone (the safety net's losses start with the first segment)
-            self.init_loss, eval_loss = eval_loss() if self.policy.needs_init_loss(self) else None, None
-        d = self.policy.start(self, eval_loss)
-        if eval_loss is not None and math.isfinite(eval_loss):
-            self.first_loss, self.line_best = eval_loss, eval_loss
-        self._bookkeep(d, eval_loss, 0)
+        """Call once before training, with the eval loss of the initial weights, or a function that returns it (called
+        only if a decision may need it), or None; apply the returned decision. Only rl in a run too short for a trial
+        uses it (a first segment that blew up restarts lower); the safety net's and the reward's losses start with the
+        first segment either way, so a number and a function that returns it decide alike."""
+        if self.policy.needs_init_loss(self):
+            self.init_loss = eval_loss() if callable(eval_loss) else eval_loss
+        d = self.policy.start(self)
+        self._bookkeep(d, None, 0)
         self.pending = d
         return d
 

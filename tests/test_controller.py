@@ -157,6 +157,28 @@ def test_a_run_too_short_for_a_trial_restarts_lower_only_when_its_first_segment_
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("budget_steps", [60, 400])
+def test_the_initial_loss_given_as_a_number_or_a_function_decides_alike(budget_steps):
+    """start(x) and start(lambda: x) give the same decisions: the initial loss serves the short run's restart alone
+    (a function is called only then); the safety net's and the reward's losses start with the first segment either
+    way (a first segment above BLOWUP x the initial loss is not a fault, in a long run the climb decides)."""
+    script = [(13.0, -0.005), (12.5, -0.1), (12.0, 0.0), (11.0, 0.0)]
+    got = []
+    for initial in (6.0, lambda: 6.0):
+        c = rl(budget_steps=budget_steps, tokens_per_step=TPS)
+        d, spent = c.start(initial), 0
+        decisions = [d.as_dict()]
+        for loss, h in script:
+            spent += (d.steps or INTERVAL) * TPS
+            obs = ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens, hypergradient=h)
+            d = c.step(obs)
+            decisions.append(d.as_dict())
+        got.append(decisions)
+    assert got[0] == got[1]
+    assert [d["phase"] for d in got[0]].count("safety") == 0 and got[0][1]["reward"] == 0.0
+    assert got[0][1]["action"] == ("restart_down" if budget_steps == 60 else "commit")
+
+
 def test_good_start_commits_without_wasting_trials():
     """h slightly negative in the first segment (not too high, not clearly too low): the run commits at the lr it
     started with after one segment; nothing is loaded, nothing discarded, every slot freed."""
