@@ -37,7 +37,11 @@ import controller as ctl
 
 # ----------------------------------------------------------------------------- arguments
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the launch commands of the docstring as written, and every flag's default."""
+    """--help shows the launch commands of the docstring as written, and every flag's default (a flag whose default
+    depends on other flags says so in its help, and its default None is not printed)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv=None):
@@ -72,8 +76,13 @@ def parse_args(argv=None):
         help="The schedule over the token budget (the controller multiplies it).",
     )
     a("--num_warmup_steps", type=int, default=10, help="Warmup, in optimizer steps of the starting batch size.")
-    a("--num_train_epochs", type=int, default=1, help="Epochs, used when --max_train_steps is 0.")
-    a("--max_train_steps", type=int, default=400, help="The token budget, in steps of the starting batch; 0: epochs.")
+    a("--num_train_epochs", type=int, help="The budget in epochs if --max_train_steps is not given or 0 (default: 1).")
+    a(
+        "--max_train_steps",
+        type=int,
+        help="The token budget, in steps of the starting batch; 0: --num_train_epochs. Default: 400, unless "
+        "--num_train_epochs is given (as in transformers' scripts, --max_train_steps overrides it).",
+    )
     a("--lr_find_steps", type=int, default=0, help="First an lr range test of this many steps (discarded); 0: off.")
     a("--cpu_threads", type=int, default=0, help="Torch threads per process on CPU (0: cores / local processes).")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: bf16 on a GPU that supports it, else no.")
@@ -118,6 +127,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     # derived values, right after parsing
+    if args.max_train_steps is None:  # a budget in epochs when only they are given, else the default run's 400 steps
+        args.max_train_steps = 0 if args.num_train_epochs is not None else 400
+    if args.num_train_epochs is None:
+        args.num_train_epochs = 1
     gas = args.gradient_accumulation_steps
     if args.min_gradient_accumulation_steps is None:
         args.min_gradient_accumulation_steps = gas
@@ -1384,6 +1397,11 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).parameters())  # ZeRO-3
     world, gas, micro = accelerator.num_processes, state.grad_accum, args.per_device_train_batch_size
     search = f"{args.search_budget:.0%} of the budget {'inside it' if args.search_in_budget else 'on top'}"
+    policy = f"Controller {args.controller} every {args.controller_interval} steps"
+    if args.controller == "rl":  # the only policy that saves rollback slots (the others' safety net has none to load)
+        policy += f"; its search may discard {search}; rollback slots: {slots.describe()}"
+    elif args.controller == "off":
+        policy = "Controller off: the lr follows the schedule alone"
     accelerator.print(
         "***** Running training *****\n"
         f"  Model parameters = {n_params / 1e6:.2f}M, train blocks = {len(train_dl.dataset)}, "
@@ -1393,8 +1411,7 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         f"  Budget = {state.budget // (gas * micro_tokens)} steps at the starting batch = {state.budget:,} tokens = "
         f"{state.budget / (len(train_dl.dataset) * args.block_size):.3g} epochs; "
         f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, precision {args.mixed_precision}\n"
-        f"  Controller {args.controller} every {args.controller_interval} steps; rl's search may discard {search}; "
-        f"rollback slots: {slots.describe()}"
+        f"  {policy}"
     )
     if args.controller == "rl" and args.lr_scheduler_type.startswith("constant"):
         cool = f"{ctl.FINAL_COOL:.0%}"

@@ -256,6 +256,29 @@ def test_local_model_directory_and_json_files(tmp_path):
     assert "controller/action" not in rows(out)[0]
 
 
+def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
+    """--num_train_epochs alone sets the budget, and --max_train_steps, when given, overrides it (as in transformers'
+    scripts); with neither, the default run's 400 steps. A lone train file gives up --validation_split_percentage of
+    its blocks to the validation split. The banner names the controller's line by policy."""
+    sys.path.insert(0, ROOT)
+    import train
+
+    for argv, steps, epochs in [([], 400, 1), (["--num_train_epochs", "3"], 0, 3), (["--max_train_steps", "7"], 7, 1)]:
+        args = train.parse_args(argv)
+        assert (args.max_train_steps, args.num_train_epochs) == (steps, epochs)
+    data = tmp_path / "small.txt"
+    data.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60)))
+    i = TINY.index("--max_train_steps")
+    common = TINY[:i] + TINY[i + 2 :] + ["--train_file", str(data), "--validation_split_percentage", "20"]
+    common += ["--controller", "off"]
+    for extra, steps in [(["--num_train_epochs", "2"], 40), (["--num_train_epochs", "2", "--max_train_steps", "5"], 5)]:
+        out = str(tmp_path / f"run{steps}")
+        p = launch(common + extra + ["--output_dir", out])
+        assert "train blocks = 80, validation blocks = 20" in p.stdout
+        assert f"Budget = {steps} steps" in p.stdout and "Controller off: the lr follows the schedule alone" in p.stdout
+        assert results(out)["steps"] == steps
+
+
 def test_byte_ids_are_the_tokenizers_own():
     """train.py computes the default tokenizer's (ByT5's) ids from the UTF-8 bytes, and leaves a text that holds a
     special token's string to the tokenizer: the ids are the tokenizer's own either way."""
