@@ -139,6 +139,8 @@ def sample(rng, probs):
 # ---------------------------------------------------------------- what the loop passes in and gets back
 @dataclasses.dataclass
 class Observation:
+    """What the loop reports at the end of a segment; a number may be a 0-d tensor or a numpy scalar (read once)."""
+
     tokens: int  # training tokens spent so far, discarded segments included (the cost)
     # validation loss of the current weights (nats/token; inf if not finite), or a function that returns it: the
     # controller then calls it only if this decision reads the loss (the rl search's reading before a cooldown
@@ -807,8 +809,8 @@ class Controller:
         only if a decision may need it), or None; apply the returned decision. Only rl in a run too short for a trial
         uses it (a first segment that blew up restarts lower); the safety net's and the reward's losses start with the
         first segment either way, so a number and a function that returns it decide alike."""
-        if self.policy.needs_init_loss(self):
-            self.init_loss = eval_loss() if callable(eval_loss) else eval_loss
+        if self.policy.needs_init_loss(self) and eval_loss is not None:
+            self.init_loss = float(eval_loss() if callable(eval_loss) else eval_loss)
         d = self.policy.start(self)
         self._bookkeep(d, None, 0)
         self.pending = d
@@ -827,7 +829,17 @@ class Controller:
         if self.pending is None:
             raise RuntimeError("Controller.step() before Controller.start(): call start() once before training")
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
-        tokens = int(obs.tokens)
+        # plain numbers from here on: a 0-d tensor (or numpy scalar) from the loop is read once, and never kept in the
+        # controller's state (state_dict() stays JSON)
+        obs = dataclasses.replace(
+            obs,
+            tokens=int(obs.tokens),
+            nonfinite_steps=int(obs.nonfinite_steps),
+            progress=float(obs.progress),
+            hypergradient=None if obs.hypergradient is None else float(obs.hypergradient),
+            schedule=None if obs.schedule is None else float(obs.schedule),
+        )
+        tokens = obs.tokens
         if obs.eval_loss is None:
             raise ValueError(
                 "Observation.eval_loss is None: pass the validation loss (inf if not finite) or a callable"
@@ -855,9 +867,8 @@ class Controller:
             loss, reward, fault = None, 0.0, nonfinite
             obs = dataclasses.replace(obs, eval_loss=None)
         else:
-            if callable(obs.eval_loss):  # read now: the policy gets the number
-                obs = dataclasses.replace(obs, eval_loss=obs.eval_loss())
-            loss = float(obs.eval_loss)
+            loss = float(obs.eval_loss() if callable(obs.eval_loss) else obs.eval_loss)  # read now if a function
+            obs = dataclasses.replace(obs, eval_loss=loss)  # the policy gets the number
             if self.policy.guarded and skipped == 1 and math.isfinite(loss):
                 nonfinite = False  # one skipped step in a segment is a bad record, not a divergence (two are)
             reward = 0.0 if self.last_loss is None else compute_reward(self.last_loss, loss, window, ref, nonfinite)

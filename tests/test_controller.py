@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_controller.py
 """
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -604,6 +605,27 @@ def test_unknown_policy_is_refused():
 def test_a_step_before_start_says_so():
     with pytest.raises(RuntimeError, match="start"):
         make("rl").step({"tokens": 100, "eval_loss": 2.0})
+
+
+def test_numbers_from_the_loop_as_scalars_decide_alike_and_leave_no_scalar_in_the_state():
+    """A loop may pass 0-d tensors or numpy scalars (an evaluate() without .item()): each is read once as a number,
+    the decisions are those of plain floats, and the state stays JSON (no scalar object kept)."""
+    np = pytest.importorskip("numpy")
+    # values a float32 holds exactly: the two runs must take the same decisions with the same rewards
+    script = [(4.5, -0.125), (4.0, 0.0625), (3.0, -0.0078125), (2.75, -0.00390625), (2.5, 0.0078125), (2.25, 0.0)]
+    got = []
+    for wrap in (float, np.float32):
+        c = rl(tokens_per_step=TPS)
+        d, spent, decisions = c.start(functools.partial(wrap, 6.0)), 0, []
+        for loss, h in script:
+            spent += (d.steps or INTERVAL) * TPS
+            obs = ctl.Observation(tokens=np.int64(spent), eval_loss=functools.partial(wrap, loss), progress=wrap(0.25))
+            obs.hypergradient, obs.schedule, obs.nonfinite_steps = wrap(h), wrap(1.0), np.int64(0)
+            d = c.step(obs)
+            decisions.append(d.as_dict())
+        json.dumps(c.state_dict())  # raises on a numpy scalar left in the state
+        got.append(decisions)
+    assert got[0] == got[1] and len({d["action"] for d in got[0]}) > 2
 
 
 def test_an_observation_that_breaks_the_running_counts_is_refused_with_the_field_named():
