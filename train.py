@@ -340,6 +340,7 @@ SIGNATURE = [
     "dataset_config_name",
     "train_file",
     "validation_file",
+    "validation_split_percentage",  # the train split, when the data has no validation split
     "text_column",
     "block_size",
     "per_device_train_batch_size",
@@ -365,6 +366,10 @@ SIGNATURE = [
     "max_lr",
     "min_gradient_accumulation_steps",
     "max_gradient_accumulation_steps",
+    "per_device_eval_batch_size",  # with max_eval_batches: the eval loss the controller decides on
+    "max_eval_batches",
+    "max_nonfinite_steps",
+    "controller_patience",
 ]
 
 

@@ -219,6 +219,8 @@ def test_incompatible_resume_is_refused(checkpointed, tmp_path):
         (["--learning_rate", "1e-2"], "learning_rate was 1.0, now 0.01"),
         (["--zero_stage", "3"], "zero_stage was 2, now 3"),
         (["--block_size", "64"], "block_size was 32, now 64"),
+        (["--validation_split_percentage", "20"], "validation_split_percentage was 5, now 20"),  # the train split
+        (["--max_eval_batches", "4"], "max_eval_batches was 2, now 4"),  # the eval loss the controller reads
     ]:
         with pytest.raises(SystemExit) as e:
             train.main(base + extra)
