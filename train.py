@@ -44,6 +44,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def steps_or_epoch(v):
+    """--checkpointing_steps: a positive number of steps, or "epoch"."""
+    if v != "epoch" and not (v.isdigit() and int(v) > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'epoch', got {v!r}")
+    return v if v == "epoch" else int(v)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.error = fail  # one line, not the usage block
@@ -99,7 +106,11 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="Seed of the model init, the data order and the sample.")
     a("--output_dir", default="out", help="Where metrics, checkpoints and the final model go.")
     a("--overwrite_output_dir", action="store_true", help="Allow writing into a directory that holds a previous run.")
-    a("--checkpointing_steps", type=int, help="Save the full training state to output_dir/step_N every N steps.")
+    a(
+        "--checkpointing_steps",
+        type=steps_or_epoch,
+        help="Save the full training state to output_dir/step_N every N steps, or at each epoch's end ('epoch').",
+    )
     a("--save_total_limit", type=int, help="Keep only the newest N step_N checkpoints.")
     a("--resume_from_checkpoint", help="A step_N directory, or 'latest' (the newest in --output_dir).")
     a("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
@@ -165,7 +176,7 @@ POSITIVE = [
     "controller_interval",
     "max_nonfinite_steps",
 ]
-POSITIVE_OR_NONE = ["checkpointing_steps", "save_total_limit", "controller_patience"]
+POSITIVE_OR_NONE = ["save_total_limit", "controller_patience"]
 NON_NEGATIVE = ["max_train_steps", "num_warmup_steps", "final_eval_batches", "seed", "cpu_threads", "sample_tokens"]
 PREVIOUS_RUN = (
     "results.json",
@@ -1222,6 +1233,7 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
         disable=not accelerator.is_local_main_process,
     )
     consecutive_bad, checkpoint_due = 0, False
+    epochs_finished = state.epoch + (state.batches_in_epoch >= len(data.train_dl))  # for --checkpointing_steps epoch
     t_run = time.time() - state.train_time
     while state.model_tokens < state.end:
         # ---- the lr: the schedule over the weights' own token history, times the controller's multiplier
@@ -1325,7 +1337,11 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
                 )
 
         # ---- checkpoint (one due inside a measurement window waits for its end, so a resume measures the same)
-        checkpoint_due |= bool(args.checkpointing_steps) and state.step % (args.checkpointing_steps or 1) == 0
+        if args.checkpointing_steps == "epoch":  # the epochs the data position has completed (a rollback lowers it)
+            finished, epochs_finished = epochs_finished, state.epoch + (state.batches_in_epoch >= len(data.train_dl))
+            checkpoint_due |= epochs_finished > finished
+        elif args.checkpointing_steps:
+            checkpoint_due |= state.step % args.checkpointing_steps == 0
         if checkpoint_due and not probe.active:
             save_checkpoint(accelerator, args.output_dir, state, controller, slots, args.save_total_limit)
             checkpoint_due = False

@@ -259,7 +259,8 @@ def test_local_model_directory_and_json_files(tmp_path):
 def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
     """--num_train_epochs alone sets the budget, and --max_train_steps, when given, overrides it (as in transformers'
     scripts); with neither, the default run's 400 steps. A lone train file gives up --validation_split_percentage of
-    its blocks to the validation split. The banner names the controller's line by policy."""
+    its blocks to the validation split. --checkpointing_steps epoch saves at each epoch's end. The banner names the
+    controller's line by policy."""
     sys.path.insert(0, ROOT)
     import train
 
@@ -273,10 +274,13 @@ def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
     common += ["--controller", "off"]
     for extra, steps in [(["--num_train_epochs", "2"], 40), (["--num_train_epochs", "2", "--max_train_steps", "5"], 5)]:
         out = str(tmp_path / f"run{steps}")
-        p = launch(common + extra + ["--output_dir", out])
+        p = launch(common + extra + ["--output_dir", out, "--checkpointing_steps", "epoch"])
         assert "train blocks = 80, validation blocks = 20" in p.stdout
         assert f"Budget = {steps} steps" in p.stdout and "Controller off: the lr follows the schedule alone" in p.stdout
         assert results(out)["steps"] == steps
+        # a checkpoint at each epoch's end (20 steps of 4 blocks), as transformers' --checkpointing_steps epoch
+        saved = sorted(int(d.split("_")[1]) for d in os.listdir(out) if d.startswith("step_"))
+        assert saved == ([20, 40] if steps == 40 else []), saved
 
 
 def test_byte_ids_are_the_tokenizers_own():
