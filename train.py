@@ -510,6 +510,10 @@ class DataStream:
                 return batch
             state.epoch, state.batches_in_epoch, self.it = state.epoch + 1, 0, None
 
+    def epochs_done(self):
+        """Epochs the data position has completed (a rollback or a resume moves it back with the position)."""
+        return self.state.epoch + (self.state.batches_in_epoch >= len(self.train_dl))
+
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
 def build_model_and_tokenizer(args):
@@ -1233,7 +1237,7 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
         disable=not accelerator.is_local_main_process,
     )
     consecutive_bad, checkpoint_due = 0, False
-    epochs_finished = state.epoch + (state.batches_in_epoch >= len(data.train_dl))  # for --checkpointing_steps epoch
+    epochs_finished = data.epochs_done()  # for --checkpointing_steps epoch
     t_run = time.time() - state.train_time
     while state.model_tokens < state.end:
         # ---- the lr: the schedule over the weights' own token history, times the controller's multiplier
@@ -1337,8 +1341,8 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
                 )
 
         # ---- checkpoint (one due inside a measurement window waits for its end, so a resume measures the same)
-        if args.checkpointing_steps == "epoch":  # the epochs the data position has completed (a rollback lowers it)
-            finished, epochs_finished = epochs_finished, state.epoch + (state.batches_in_epoch >= len(data.train_dl))
+        if args.checkpointing_steps == "epoch":
+            finished, epochs_finished = epochs_finished, data.epochs_done()
             checkpoint_due |= epochs_finished > finished
         elif args.checkpointing_steps:
             checkpoint_due |= state.step % args.checkpointing_steps == 0
@@ -1417,9 +1421,9 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
     """The batch arithmetic, once: micro batch x processes x accumulation = effective batch."""
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).parameters())  # ZeRO-3
     world, gas, micro = accelerator.num_processes, state.grad_accum, args.per_device_train_batch_size
-    search = f"{args.search_budget:.0%} of the budget {'inside it' if args.search_in_budget else 'on top'}"
     policy = f"Controller {args.controller} every {args.controller_interval} steps"
     if args.controller == "rl":  # the only policy that saves rollback slots (the others' safety net has none to load)
+        search = f"{args.search_budget:.0%} of the budget {'inside it' if args.search_in_budget else 'on top'}"
         policy += f"; its search may discard {search}; rollback slots: {slots.describe()}"
     elif args.controller == "off":
         policy = "Controller off: the lr follows the schedule alone"
