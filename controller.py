@@ -809,8 +809,9 @@ class Controller:
         only if a decision may need it), or None; apply the returned decision. Only rl in a run too short for a trial
         uses it (a first segment that blew up restarts lower); the safety net's and the reward's losses start with the
         first segment either way, so a number and a function that returns it decide alike."""
-        if self.policy.needs_init_loss(self) and eval_loss is not None:
-            self.init_loss = float(eval_loss() if callable(eval_loss) else eval_loss)
+        if self.policy.needs_init_loss(self):
+            loss = eval_loss() if callable(eval_loss) else eval_loss
+            self.init_loss = None if loss is None else float(loss)  # None: not known, no restart
         d = self.policy.start(self)
         self._bookkeep(d, None, 0)
         self.pending = d

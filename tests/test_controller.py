@@ -178,6 +178,9 @@ def test_the_initial_loss_given_as_a_number_or_a_function_decides_alike(budget_s
     assert got[0] == got[1]
     assert [d["phase"] for d in got[0]].count("safety") == 0 and got[0][1]["reward"] == 0.0
     assert got[0][1]["action"] == ("restart_down" if budget_steps == 60 else "commit")
+    c = rl(budget_steps=budget_steps, tokens_per_step=TPS)
+    c.start(lambda: None)  # a function that cannot tell: not known, as start(None)
+    assert c.init_loss is None
 
 
 def test_good_start_commits_without_wasting_trials():
