@@ -97,7 +97,7 @@ def parse_args(argv=None):
         "--deepspeed_config",
         help="DeepSpeed JSON; its 'auto' values come from these flags. Default: ds_config.json beside train.py.",
     )
-    a("--zero_stage", type=int, choices=[0, 1, 2, 3], help="Override zero_optimization.stage of the DeepSpeed JSON.")
+    a("--zero_stage", type=int, choices=[0, 1, 2, 3], help="Override the DeepSpeed JSON's zero_optimization.stage.")
     # evaluation, checkpoints, logging
     a = p.add_argument_group("evaluation, checkpoints, logging").add_argument
     a("--eval_steps", type=int, default=20, help="Evaluate every this many optimizer steps (from the last evaluation).")
@@ -109,9 +109,10 @@ def parse_args(argv=None):
     a(
         "--checkpointing_steps",
         type=steps_or_epoch,
-        help="Save the full training state to output_dir/step_N every N steps, or at each epoch's end ('epoch').",
+        help="Save the full training state to output_dir/step_N every N steps, or at each epoch's end ('epoch'). "
+        "Default: no checkpoints.",
     )
-    a("--save_total_limit", type=int, help="Keep only the newest N step_N checkpoints.")
+    a("--save_total_limit", type=int, help="Keep only the newest N step_N checkpoints (default: all).")
     a("--resume_from_checkpoint", help="A step_N directory, or 'latest' (the newest in --output_dir).")
     a("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
     a("--report_to", default="tensorboard", help="Trackers for --with_tracking: tensorboard, wandb, all, ...")
