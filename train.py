@@ -94,6 +94,12 @@ def parse_args(argv=None):
     a("--cpu_threads", type=int, default=0, help="Torch threads per process on CPU (0: cores / local processes).")
     a("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: bf16 on a GPU that supports it, else no.")
     a(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute each block's activations in the backward pass instead of keeping them: less memory, one more "
+        "forward per step; the same numbers (a resume may turn it on or off).",
+    )
+    a(
         "--deepspeed_config",
         help="DeepSpeed JSON; its 'auto' values come from these flags. Default: ds_config.json beside train.py.",
     )
@@ -557,6 +563,11 @@ def build_model_and_tokenizer(args):
             else "--config_name"
         )
         fail(f"{flag}: no causal LM could be built ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if args.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            fail(f"--gradient_checkpointing: {type(model).__name__} does not support it; leave the flag out")
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # no use in training, refused with checkpointing (generate() still caches)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -1428,6 +1439,7 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         policy += f"; its search may discard {search}; rollback slots: {slots.describe()}"
     elif args.controller == "off":
         policy = "Controller off: the lr follows the schedule alone"
+    recompute = ", activation checkpointing" if accelerator.unwrap_model(model).is_gradient_checkpointing else ""
     accelerator.print(
         "***** Running training *****\n"
         f"  Model parameters = {n_params / 1e6:.2f}M, train blocks = {len(train_dl.dataset)}, "
@@ -1436,7 +1448,7 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         f"{micro * world * gas} sequences = {gas * micro_tokens} tokens/step\n"
         f"  Budget = {state.budget // (gas * micro_tokens)} steps at the starting batch = {state.budget:,} tokens = "
         f"{state.budget / (len(train_dl.dataset) * args.block_size):.3g} epochs; "
-        f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, precision {args.mixed_precision}\n"
+        f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, precision {args.mixed_precision}{recompute}\n"
         f"  {policy}"
     )
     if args.controller == "rl" and args.lr_scheduler_type.startswith("constant"):

@@ -121,18 +121,20 @@ def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path
 
 def test_two_processes_zero3_memory_slots_match_disk_slots(tmp_path, text_files):
     """Two processes over gloo with ZeRO-3 via accelerate_config.yaml: each rank keeps its own partition in its
-    slots; the decisions agree on both ranks (train.py raises otherwise) and match disk slots; the gathered full
-    model loads."""
+    slots; the decisions agree on both ranks (train.py raises otherwise) and match disk slots, also with activation
+    checkpointing (the disk run recomputes the blocks' activations in the backward pass: the same numbers); the
+    gathered full model loads."""
     train_file, valid_file = text_files
     common = TINY + SEARCH + ["--zero_stage", "3", "--train_file", train_file, "--validation_file", valid_file]
     outs = {}
-    for mode in ("memory", "disk"):
+    for mode, extra in (("memory", []), ("disk", ["--gradient_checkpointing"])):
         outs[mode] = str(tmp_path / mode)
-        launch(
-            common + ["--output_dir", outs[mode], "--controller_slots", mode],
+        p = launch(
+            common + ["--output_dir", outs[mode], "--controller_slots", mode, *extra],
             processes=2,
             config="accelerate_config.yaml",
         )
+        assert ("activation checkpointing" in p.stdout) == bool(extra)
     res = results(outs["memory"])
     assert res["num_processes"] == 2 and res["zero_stage"] == 3 and res["rollbacks"] > 0
     assert res["eval_loss"] == results(outs["disk"])["eval_loss"]
