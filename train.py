@@ -58,6 +58,11 @@ def parse_args(argv=None):
     a = p.add_argument_group("model and data").add_argument
     a("--model_name_or_path", help="Hub id or local model directory. Default: a small GPT-2 from a config (offline).")
     a("--config_name", help="Hub id or local path of a model config to train from scratch.")
+    a(
+        "--model_type",
+        help="Train from scratch a model of this transformers type (llama, qwen2, gpt2, ...): its default config, with "
+        "--config_overrides, sized to the tokenizer. Default: a small GPT-2 (4 layers, 128 wide).",
+    )
     a("--config_overrides", help="Config changes for a from-scratch model, e.g. 'n_embd=256,n_layer=6'.")
     a("--tokenizer_name", help="Hub id or local tokenizer directory. Default: the model's, else bytes (no files).")
     a(
@@ -280,6 +285,9 @@ def check_files(args):
         path = getattr(args, name)
         if path and not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
             fail(f"--{name} {path!r} does not exist (a local path; hub ids look like 'org/name')")
+    if args.model_type and (args.model_name_or_path or args.config_name):
+        other = "--model_name_or_path" if args.model_name_or_path else "--config_name"
+        fail(f"--model_type builds a model from scratch: give it or {other}, not both")
     mp = args.model_name_or_path
     if mp and os.path.isdir(mp) and not os.path.isfile(os.path.join(mp, "config.json")):
         fail(f"--model_name_or_path {mp!r} is not a model directory (no config.json)")
@@ -358,6 +366,7 @@ def check_output_dir(args):
 SIGNATURE = [
     "model_name_or_path",
     "config_name",
+    "model_type",
     "config_overrides",
     "tokenizer_name",
     "dataset_name",
@@ -531,6 +540,7 @@ class DataStream:
 # ----------------------------------------------------------------------------- model, optimizer, schedule
 def build_model_and_tokenizer(args):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     tok_src = args.tokenizer_name or args.model_name_or_path
     flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
@@ -551,6 +561,13 @@ def build_model_and_tokenizer(args):
         else:
             if args.config_name:
                 config = AutoConfig.from_pretrained(args.config_name, **remote)
+            elif args.model_type:  # the type's default config, its vocabulary the tokenizer's (as the GPT-2 below)
+                if args.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                    known = ", ".join(t for t in ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt"))
+                    fail(f"--model_type {args.model_type!r} is not a causal LM type of transformers (e.g. {known})")
+                config = AutoConfig.for_model(args.model_type)
+                eos = tokenizer.eos_token_id
+                config.update({"vocab_size": len(tokenizer), "bos_token_id": eos, "eos_token_id": eos})
             else:  # nanoGPT-sized default: 4 layers, 128 wide, no dropout
                 config = GPT2Config(
                     n_embd=128,

@@ -83,6 +83,7 @@ BAD = [
     (lambda t: ["--resume_from_checkpoint", "latest"], "no complete step_N"),
     (lambda t: ["--model_name_or_path", str(t)], "not a model directory"),
     (lambda t: ["--model_name_or_path", str(t / "no-such-model")], "does not exist"),
+    (lambda t: ["--model_type", "llama", "--config_name", "gpt2"], "--model_type builds a model from scratch"),
     (lambda t: ["--output_dir", write(t, "a-file", "x")], "is a file"),
     (lambda t: ["--output_dir", "/proc/no/such/dir"], "not writable"),
 ]
@@ -151,6 +152,7 @@ LATE = [
     ),
     ("override of the wrong type", lambda t: ["--config_overrides", "n_layer=abc"], "--config_overrides"),
     ("empty model config", lambda t: ["--model_name_or_path", empty_model(t)], "no causal LM could be built"),
+    ("a model type that is not a causal LM", lambda t: ["--model_type", "nosuchtype"], "is not a causal LM type"),
     (
         "a model's own code without --trust_remote_code",  # refused, not prompted for (None would prompt on every rank)
         lambda t: ["--model_name_or_path", custom_code_model(t / "custom")],

@@ -273,6 +273,20 @@ def test_a_model_with_its_own_code_trains_with_trust_remote_code(tmp_path):
     assert type(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)).__name__ == "TinyCustomForCausalLM"
 
 
+def test_a_llama_from_scratch_with_model_type(tmp_path):
+    """--model_type takes a transformers type's default config, sized by --config_overrides, its vocabulary the
+    tokenizer's (bytes here: 384, not Llama's 32,000): rl searches, and the saved model reloads as that type."""
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "llama")
+    sizes = "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=2"
+    launch(TINY + ["--output_dir", out, "--model_type", "llama", "--config_overrides", sizes])
+    assert results(out)["controller"] == "rl" and any("controller/action" in r for r in rows(out))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.vocab_size == 384
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
+
+
 def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
     """--num_train_epochs alone sets the budget, and --max_train_steps, when given, overrides it (as in transformers'
     scripts); with neither, the default run's 400 steps. A lone train file gives up --validation_split_percentage of
