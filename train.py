@@ -563,8 +563,8 @@ def build_model_and_tokenizer(args):
                 config = AutoConfig.from_pretrained(args.config_name, **remote)
             elif args.model_type:  # the type's default config, its vocabulary the tokenizer's (as the GPT-2 below)
                 if args.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-                    known = ", ".join(t for t in ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt"))
-                    fail(f"--model_type {args.model_type!r} is not a causal LM type of transformers (e.g. {known})")
+                    known = "gpt2, llama, qwen2, mistral, gpt_neox, opt, ..."
+                    fail(f"--model_type {args.model_type!r} is not a causal LM type of transformers ({known})")
                 config = AutoConfig.for_model(args.model_type)
                 eos = tokenizer.eos_token_id
                 config.update({"vocab_size": len(tokenizer), "bos_token_id": eos, "eos_token_id": eos})
