@@ -78,6 +78,13 @@ def parse_args(argv=None):
     a("--validation_split_percentage", type=int, default=5, help="Percent held out when there is no validation split.")
     a("--text_column", default="text", help="Column holding the text in json/csv/hub datasets.")
     a("--block_size", type=int, default=128, help="Tokens per training sequence.")
+    a(
+        "--preprocessing_num_workers",
+        type=int,
+        help="Processes that tokenise the text (datasets' num_proc); the blocks are the same with any number. "
+        "Default: one.",
+    )
+    a("--overwrite_cache", action="store_true", help="Tokenise again instead of loading datasets' cached result.")
     # batch and optimisation
     a = p.add_argument_group("batch and optimisation").add_argument
     a("--per_device_train_batch_size", type=int, default=16, help="Sequences per process per micro-batch.")
@@ -194,7 +201,7 @@ POSITIVE = [
     "controller_interval",
     "max_nonfinite_steps",
 ]
-POSITIVE_OR_NONE = ["save_total_limit", "controller_patience"]
+POSITIVE_OR_NONE = ["save_total_limit", "controller_patience", "preprocessing_num_workers"]
 NON_NEGATIVE = ["max_train_steps", "num_warmup_steps", "final_eval_batches", "seed", "cpu_threads", "sample_tokens"]
 PREVIOUS_RUN = (
     "results.json",
@@ -493,10 +500,25 @@ def build_datasets(args, tokenizer, accelerator):
         ids = np.concatenate(batch["input_ids"])
         return {"input_ids": ids[: len(ids) // bs * bs].reshape(-1, bs)}
 
+    # tokenising, text by text, may run in several processes (contiguous shards, joined in order); grouping runs in
+    # one, so that the blocks do not depend on --preprocessing_num_workers (each shard would be cut apart)
+    cache = not args.overwrite_cache
     with accelerator.main_process_first():
-        tok = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="tokenize")
+        tok = raw.map(
+            tokenize,
+            batched=True,
+            num_proc=args.preprocessing_num_workers,
+            remove_columns=raw["train"].column_names,
+            load_from_cache_file=cache,
+            desc="tokenize",
+        )
         tok = tok.with_format("numpy").map(
-            group, batched=True, batch_size=1000, remove_columns=tok["train"].column_names, desc="group"
+            group,
+            batched=True,
+            batch_size=1000,
+            remove_columns=tok["train"].column_names,
+            load_from_cache_file=cache,
+            desc="group",
         )
     for split in ("train", "validation"):
         if len(tok[split]) == 0:

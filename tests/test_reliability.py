@@ -61,6 +61,7 @@ BAD = [
     (lambda t: ["--gradient_accumulation_steps", "8", "--max_gradient_accumulation_steps", "4"], "accumulation"),
     (lambda t: ["--controller_interval", "0"], "--controller_interval"),
     (lambda t: ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+    (lambda t: ["--preprocessing_num_workers", "0"], "--preprocessing_num_workers"),
     (lambda t: ["--learning_rate", "0"], "--learning_rate"),
     (lambda t: ["--learning_rate", "nan"], "--learning_rate"),
     (lambda t: ["--seed", "-1"], "--seed"),

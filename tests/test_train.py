@@ -314,6 +314,26 @@ def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
         assert saved == ([20, 40] if steps == 40 else []), saved
 
 
+def test_tokenising_in_several_processes_gives_the_same_blocks(tmp_path, capfd):
+    """--preprocessing_num_workers tokenises in that many processes (datasets' num_proc) and the blocks are the same
+    as one process's: grouping into blocks runs in one, so shard boundaries do not cut the text apart."""
+    sys.path.insert(0, ROOT)
+    from accelerate import Accelerator
+    from transformers import ByT5Tokenizer
+
+    import train
+
+    data = tmp_path / "lines.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"Line {i}: " + "to be, or not " * (i % 7)}) for i in range(3000)))
+    blocks = []
+    for workers in ([], ["--preprocessing_num_workers", "3"]):
+        args = train.parse_args(["--train_file", str(data), "--overwrite_cache", *workers])
+        splits = train.build_datasets(args, ByT5Tokenizer(), Accelerator(cpu=True))
+        blocks.append([s[:]["input_ids"].tolist() for s in splits])
+    assert "tokenize (num_proc=3)" in capfd.readouterr().err  # the map really ran in 3 processes
+    assert len(blocks[0][0]) > 1000 and blocks[1] == blocks[0]
+
+
 def test_byte_ids_are_the_tokenizers_own():
     """train.py computes the default tokenizer's (ByT5's) ids from the UTF-8 bytes, and leaves a text that holds a
     special token's string to the tokenizer: the ids are the tokenizer's own either way."""
