@@ -76,11 +76,13 @@ class TinyCustomConfig(GPT2Config):
 class TinyCustomForCausalLM(GPT2LMHeadModel):
     config_class = TinyCustomConfig
 """
+NO_CHECKPOINTING = "    supports_gradient_checkpointing = False\n"
 
 
-def custom_code_model(path):
+def custom_code_model(path, checkpointing=True):
     """A tiny GPT-2 saved as a model of a type transformers does not know, whose classes are Python code in its
-    directory (`auto_map`), as hub models with their own code are; with the byte tokenizer. Returns the path."""
+    directory (`auto_map`), as hub models with their own code are; with the byte tokenizer. checkpointing=False: its
+    class says it does not support activation checkpointing. Returns the path."""
     from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
 
     os.makedirs(path, exist_ok=True)
@@ -89,7 +91,7 @@ def custom_code_model(path):
     GPT2LMHeadModel(config).save_pretrained(path)
     tok.save_pretrained(path)
     with open(os.path.join(path, "modeling_tiny_custom.py"), "w") as f:
-        f.write(CUSTOM_CODE)
+        f.write(CUSTOM_CODE + ("" if checkpointing else NO_CHECKPOINTING))
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     config |= {

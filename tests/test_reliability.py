@@ -159,6 +159,16 @@ LATE = [
         lambda t: ["--model_name_or_path", custom_code_model(t / "custom")],
         "ships its own Python code: add --trust_remote_code",
     ),
+    (
+        "--gradient_checkpointing on a model without it",
+        lambda t: [
+            "--model_name_or_path",
+            custom_code_model(t / "custom", checkpointing=False),
+            "--trust_remote_code",
+            "--gradient_checkpointing",
+        ],
+        "--gradient_checkpointing: TinyCustomForCausalLM does not support it",
+    ),
 ]
 
 
