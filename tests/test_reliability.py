@@ -52,6 +52,11 @@ BAD = [
     (lambda t: ["--train_file", str(t)], "not a readable file"),
     (lambda t: ["--train_file", write(t, "data.parquet", "x")], "must end in"),
     (lambda t: ["--train_file", write(t, "latin1.txt", "caf\xe9\n".encode("latin-1"))], "is not UTF-8 text"),
+    (
+        lambda t: ["--train_file", write(t, "a.txt", "x\n"), "--validation_file", write(t, "b.jsonl", '{"text": "y"}')],
+        "is not in the format of --train_file",
+    ),
+    (lambda t: ["--no_keep_linebreaks", "--train_file", write(t, "c.csv", "text\nx\n")], "--no_keep_linebreaks"),
     (lambda t: ["--controller", "magic"], "--controller"),
     (lambda t: ["--optimizer", "sgd"], "--optimizer"),
     (lambda t: ["--min_lr", "1e-2", "--max_lr", "1e-1"], "--min_lr"),

@@ -299,7 +299,7 @@ def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
         args = train.parse_args(argv)
         assert (args.max_train_steps, args.num_train_epochs) == (steps, epochs)
     data = tmp_path / "small.txt"
-    data.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog." for i in range(60)))
+    data.write_text("\n".join(f"Line {i}: the quick brown fox jumps over the lazy dog" for i in range(60)))
     i = TINY.index("--max_train_steps")
     common = TINY[:i] + TINY[i + 2 :] + ["--train_file", str(data), "--validation_split_percentage", "20"]
     common += ["--controller", "off"]
@@ -332,6 +332,30 @@ def test_tokenising_in_several_processes_gives_the_same_blocks(tmp_path, capfd):
         blocks.append([s[:]["input_ids"].tolist() for s in splits])
     assert "tokenize (num_proc=3)" in capfd.readouterr().err  # the map really ran in 3 processes
     assert len(blocks[0][0]) > 1000 and blocks[1] == blocks[0]
+
+
+def test_a_txt_file_keeps_its_line_breaks_unless_asked(tmp_path):
+    """A .txt line is one text with its line break, as in transformers' run_clm_no_trainer.py (blank lines skipped);
+    --no_keep_linebreaks drops the breaks. The validation file goes through the same loader."""
+    sys.path.insert(0, ROOT)
+    from accelerate import Accelerator
+    from transformers import ByT5Tokenizer
+
+    import train
+
+    tok = ByT5Tokenizer()
+    lines = [f"Line {i}: to be, or not to be." for i in range(200)]
+    train_txt, valid_txt = tmp_path / "t.txt", tmp_path / "v.txt"
+    train_txt.write_text("\n\n".join(lines[:150]) + "\n")
+    valid_txt.write_text("\n".join(lines[150:]))  # the last line has no break to keep
+    for flags, ends in [([], "\n"), (["--no_keep_linebreaks"], "")]:
+        args = train.parse_args(["--train_file", str(train_txt), "--validation_file", str(valid_txt), *flags])
+        got = [s[:]["input_ids"].flatten().tolist() for s in train.build_datasets(args, tok, Accelerator(cpu=True))]
+        want = [
+            [i for t in texts for i in tok(t)["input_ids"]]
+            for texts in ([t + ends for t in lines[:150]], [t + ends for t in lines[150:-1]] + [lines[-1]])
+        ]
+        assert got == [w[: len(w) // 128 * 128] for w in want]
 
 
 def test_byte_ids_are_the_tokenizers_own():
