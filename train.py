@@ -1514,7 +1514,7 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         policy += f"; its search may discard {search}; rollback slots: {slots.describe()}"
     elif args.controller == "off":
         policy = "Controller off: the lr follows the schedule alone"
-    recompute = ", activation checkpointing" if accelerator.unwrap_model(model).is_gradient_checkpointing else ""
+    recompute = ", activation checkpointing" if accelerator.unwrap_model(model).is_activation_checkpointing else ""
     accelerator.print(
         "***** Running training *****\n"
         f"  Model parameters = {n_params / 1e6:.2f}M, train blocks = {len(train_dl.dataset)}, "
