@@ -581,7 +581,21 @@ class DataStream:
 
 
 # ----------------------------------------------------------------------------- model, optimizer, schedule
+def scratch_config(make, defaults, args):
+    """A from-scratch config: make(**defaults) with --config_overrides given to the constructor too (parsed to the types
+    of the defaults' attributes by transformers' update_from_string, which refuses a key the config lacks), so that
+    the constructor derives what depends on them: set afterwards, num_hidden_layers=4 left a Qwen2's per-layer
+    `layer_types` at 32 entries, and save_pretrained refused the config after the whole run."""
+    config = make(**defaults)
+    if not args.config_overrides:
+        return config
+    config.update_from_string(args.config_overrides)
+    keys = [pair.split("=")[0] for pair in args.config_overrides.split(",")]
+    return make(**(defaults | {k: getattr(config, k) for k in keys}))
+
+
 def build_model_and_tokenizer(args):
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -604,30 +618,23 @@ def build_model_and_tokenizer(args):
         else:
             if args.config_name:
                 config = AutoConfig.from_pretrained(args.config_name, **remote)
-            elif args.model_type:  # the type's default config, its vocabulary the tokenizer's (as the GPT-2 below)
-                if args.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-                    known = "gpt2, llama, qwen2, mistral, gpt_neox, opt, ..."
-                    fail(f"--model_type {args.model_type!r} is not a causal LM type of transformers ({known})")
-                config = AutoConfig.for_model(args.model_type)
+                if args.config_overrides:
+                    config.update_from_string(args.config_overrides)
+            else:  # from scratch: the overrides go to the config's constructor (see scratch_config)
                 eos = tokenizer.eos_token_id
-                config.update({"vocab_size": len(tokenizer), "bos_token_id": eos, "eos_token_id": eos})
-            else:  # nanoGPT-sized default: 4 layers, 128 wide, no dropout
-                config = GPT2Config(
-                    n_embd=128,
-                    n_layer=4,
-                    n_head=4,
-                    n_positions=args.block_size,
-                    resid_pdrop=0.0,
-                    embd_pdrop=0.0,
-                    attn_pdrop=0.0,
-                    vocab_size=len(tokenizer),
-                    bos_token_id=tokenizer.eos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            if args.config_overrides:
-                config.update_from_string(args.config_overrides)
+                known = {"vocab_size": len(tokenizer), "bos_token_id": eos, "eos_token_id": eos}
+                if args.model_type:  # the type's default config, its vocabulary the tokenizer's (as the GPT-2 below)
+                    if args.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                        types = "gpt2, llama, qwen2, mistral, gpt_neox, opt, ..."
+                        fail(f"--model_type {args.model_type!r} is not a causal LM type of transformers ({types})")
+                    config = scratch_config(lambda **kw: AutoConfig.for_model(args.model_type, **kw), known, args)
+                else:  # nanoGPT-sized default: 4 layers, 128 wide, no dropout
+                    small = {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": args.block_size}
+                    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+                    config = scratch_config(GPT2Config, small | no_dropout | known, args)
+            config.validate()  # what save_pretrained checks at the end of the run, checked before it starts
             model = AutoModelForCausalLM.from_config(config, **remote)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as e:
         flag = (
             "--model_name_or_path"
             if args.model_name_or_path
@@ -637,7 +644,9 @@ def build_model_and_tokenizer(args):
         )
         src = "--model_name_or_path" if args.model_name_or_path else "--config_name"
         refuse_code(src, args.model_name_or_path or args.config_name, e)
-        fail(f"{flag}: no causal LM could be built ({type(e).__name__}: {str(e).splitlines()[0]})")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = lines[-1] if isinstance(e, StrictDataclassError) and lines else (lines or [""])[0]  # (its cause: last)
+        fail(f"{flag}: no causal LM could be built ({type(e).__name__}: {why})")
     if args.gradient_checkpointing:
         if not model.supports_gradient_checkpointing:
             fail(f"--gradient_checkpointing: {type(model).__name__} does not support it; leave the flag out")

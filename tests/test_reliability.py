@@ -160,6 +160,11 @@ LATE = [
     ("empty model config", lambda t: ["--model_name_or_path", empty_model(t)], "no causal LM could be built"),
     ("a model type that is not a causal LM", lambda t: ["--model_type", "nosuchtype"], "is not a causal LM type"),
     (
+        "overrides the config refuses",  # (its per-layer list has its own length): before training, not at the save
+        lambda t: ["--model_type", "zamba2", "--config_overrides", "num_hidden_layers=2"],
+        "no causal LM could be built (StrictDataclassClassValidationError: ValueError: `num_hidden_layers` (2)",
+    ),
+    (
         "a model's own code without --trust_remote_code",  # refused, not prompted for (None would prompt on every rank)
         lambda t: ["--model_name_or_path", custom_code_model(t / "custom")],
         "ships its own Python code: add --trust_remote_code",

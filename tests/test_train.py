@@ -287,6 +287,27 @@ def test_a_llama_from_scratch_with_model_type(tmp_path):
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
 
 
+def test_config_overrides_go_to_the_config_constructor(tmp_path):
+    """A from-scratch config gets --config_overrides in its constructor, which derives what depends on them: a Qwen2
+    of 2 layers has 2 per-layer types (set after construction it kept its default's 32, and save_pretrained refused
+    the config once the whole run had trained), a Llama 64 wide with 4 heads has heads 16 wide (not its default's
+    128); the default GPT-2 takes them as before (a combination the config refuses: test_reliability)."""
+    sys.path.insert(0, ROOT)
+    from transformers import AutoConfig
+
+    import train
+
+    qwen = "hidden_size=64,intermediate_size=128,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=4"
+    for flags, check in [
+        (["--model_type", "qwen2", "--config_overrides", qwen], lambda c: len(c.layer_types) == 2),
+        (["--model_type", "llama", "--config_overrides", qwen], lambda c: (c.head_dim, c.hidden_size) == (16, 64)),
+        (["--config_overrides", "n_layer=1,n_embd=32,n_head=2"], lambda c: (c.n_layer, c.n_embd) == (1, 32)),
+    ]:
+        model, _ = train.build_model_and_tokenizer(train.parse_args(flags))
+        model.save_pretrained(tmp_path / flags[1])  # where the refusal came, after training
+        assert check(AutoConfig.from_pretrained(tmp_path / flags[1])), flags
+
+
 def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
     """--num_train_epochs alone sets the budget, and --max_train_steps, when given, overrides it (as in transformers'
     scripts); with neither, the default run's 400 steps. A lone train file gives up --validation_split_percentage of
