@@ -634,7 +634,7 @@ def build_model_and_tokenizer(args):
                     config = scratch_config(GPT2Config, small | no_dropout | known, args)
             config.validate()  # what save_pretrained checks at the end of the run, checked before it starts
             model = AutoModelForCausalLM.from_config(config, **remote)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError, StrictDataclassError) as e:
         flag = (
             "--model_name_or_path"
             if args.model_name_or_path

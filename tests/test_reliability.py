@@ -165,6 +165,11 @@ LATE = [
         "no causal LM could be built (StrictDataclassClassValidationError: ValueError: `num_hidden_layers` (2)",
     ),
     (
+        "an override the config's constructor refuses",
+        lambda t: ["--model_type", "prophetnet", "--config_overrides", "num_hidden_layers=2"],
+        "no causal LM could be built (NotImplementedError: This model does not support the setting of `num_hidden_",
+    ),
+    (
         "a model's own code without --trust_remote_code",  # refused, not prompted for (None would prompt on every rank)
         lambda t: ["--model_name_or_path", custom_code_model(t / "custom")],
         "ships its own Python code: add --trust_remote_code",
