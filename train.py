@@ -229,6 +229,8 @@ def check_args(args):
             fail(f"--{name} must be >= 0, got {getattr(args, name)}")
     if args.seed >= 2**32:
         fail(f"--seed must be below 2**32, got {args.seed}")
+    if args.block_size < 2:  # each token of a block predicts the next: one token predicts nothing (a NaN loss)
+        fail(f"--block_size must be at least 2 tokens, got {args.block_size}")
     min_lr, max_lr = lr_bounds(args, args.learning_rate)
     for name, v in [
         ("learning_rate", args.learning_rate),
@@ -262,6 +264,15 @@ def check_args(args):
         )
     if args.mixed_precision in ("fp16", "bf16") and not torch.cuda.is_available():
         fail(f"--mixed_precision {args.mixed_precision} needs a GPU; on CPU use --mixed_precision no")
+    if args.with_tracking:  # accelerate raises on an unknown name, and warns and logs nowhere for a missing package
+        from accelerate.tracking import get_available_trackers
+        from accelerate.utils import LoggerType
+
+        here = [t.value for t in get_available_trackers()]
+        if args.report_to not in LoggerType.list():
+            fail(f"--report_to {args.report_to!r} is not a tracker: one of {', '.join(LoggerType.list())}")
+        if args.report_to not in here + ["all"] or not here:
+            fail(f"--report_to {args.report_to}: its package is not installed (installed: {', '.join(here) or 'none'})")
     check_files(args)
     ds = check_deepspeed_config(args)
     check_output_dir(args)
