@@ -623,6 +623,8 @@ def build_model_and_tokenizer(args):
     except (OSError, ValueError, KeyError) as e:
         refuse_code(flag, tok_src, e)
         fail(f"{flag} {tok_src!r}: no tokenizer could be loaded ({str(e).splitlines()[0]})")
+    refused = (OSError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError, StrictDataclassError)
+    refused += (AssertionError,)  # what a model's constructor asserts (an embedding's padding id past the vocabulary)
     try:
         if args.model_name_or_path:
             model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **remote)
@@ -638,19 +640,24 @@ def build_model_and_tokenizer(args):
                     if args.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
                         types = "gpt2, llama, qwen2, mistral, gpt_neox, opt, ..."
                         fail(f"--model_type {args.model_type!r} is not a causal LM type of transformers ({types})")
-                    config = scratch_config(lambda **kw: AutoConfig.for_model(args.model_type, **kw), known, args)
+                    make = lambda **kw: AutoConfig.for_model(args.model_type, **kw)
+                    if make().pad_token_id is not None:  # its padding id too (Phi-3's 32000 was past the vocabulary;
+                        known["pad_token_id"] = tokenizer.pad_token_id  # None if none: an eos row would never train)
+                    config = scratch_config(make, known, args)
                 else:  # nanoGPT-sized default: 4 layers, 128 wide, no dropout
                     small = {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": args.block_size}
                     no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
                     config = scratch_config(GPT2Config, small | no_dropout | known, args)
             config.validate()  # what save_pretrained checks at the end of the run, checked before it starts
             model = AutoModelForCausalLM.from_config(config, **remote)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError, StrictDataclassError) as e:
+    except refused as e:
         flag = (
             "--model_name_or_path"
             if args.model_name_or_path
             else "--config_overrides"
             if args.config_overrides
+            else "--model_type"
+            if args.model_type
             else "--config_name"
         )
         src = "--model_name_or_path" if args.model_name_or_path else "--config_name"

@@ -168,6 +168,11 @@ LATE = [
         "no causal LM could be built (StrictDataclassClassValidationError: ValueError: `num_hidden_layers` (2)",
     ),
     (
+        "an override the model's constructor refuses",  # (an assertion in its embedding: one line, naming the flag)
+        lambda t: ["--model_type", "phi3", "--config_overrides", "num_hidden_layers=1,pad_token_id=1000"],
+        "--config_overrides: no causal LM could be built (AssertionError: Padding_idx must be within num_embeddings)",
+    ),
+    (
         "an override the config's constructor refuses",
         lambda t: ["--model_type", "prophetnet", "--config_overrides", "num_hidden_layers=2"],
         "no causal LM could be built (NotImplementedError: This model does not support the setting of `num_hidden_",
