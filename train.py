@@ -641,8 +641,10 @@ def build_model_and_tokenizer(args):
                         types = "gpt2, llama, qwen2, mistral, gpt_neox, opt, ..."
                         fail(f"--model_type {args.model_type!r} is not a causal LM type of transformers ({types})")
                     make = lambda **kw: AutoConfig.for_model(args.model_type, **kw)
-                    if make().pad_token_id is not None:  # its padding id too (Phi-3's 32000 was past the vocabulary;
-                        known["pad_token_id"] = tokenizer.pad_token_id  # None if none: an eos row would never train)
+                    # a padding id the type declares is the tokenizer's (Phi-3's 32000 lay past the byte vocabulary;
+                    # None if it has none: an embedding row for eos as padding would never train)
+                    if getattr(make(), "pad_token_id", None) is not None:
+                        known["pad_token_id"] = tokenizer.pad_token_id
                     config = scratch_config(make, known, args)
                 else:  # nanoGPT-sized default: 4 layers, 128 wide, no dropout
                     small = {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": args.block_size}

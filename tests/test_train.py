@@ -292,17 +292,20 @@ def test_config_overrides_go_to_the_config_constructor(tmp_path):
     of 2 layers has 2 per-layer types (set after construction it kept its default's 32, and save_pretrained refused
     the config once the whole run had trained), a Llama 64 wide with 4 heads has heads 16 wide (not its default's
     128); the default GPT-2 takes them as before (a combination the config refuses: test_reliability). A type's own
-    padding id becomes the tokenizer's (Phi-3's 32000, past the byte vocabulary, failed to build)."""
+    padding id becomes the tokenizer's (Phi-3's 32000, past the byte vocabulary, failed to build; CodeGen's config
+    has no padding id at all)."""
     sys.path.insert(0, ROOT)
     from transformers import AutoConfig
 
     import train
 
     qwen = "hidden_size=64,intermediate_size=128,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=4"
+    no_pad = lambda c: getattr(c, "pad_token_id", None) is None
     for flags, check in [
         (["--model_type", "qwen2", "--config_overrides", qwen], lambda c: len(c.layer_types) == 2),
         (["--model_type", "llama", "--config_overrides", qwen], lambda c: (c.head_dim, c.hidden_size) == (16, 64)),
         (["--model_type", "phi3", "--config_overrides", qwen], lambda c: c.pad_token_id == 0),  # the bytes' padding
+        (["--model_type", "codegen", "--config_overrides", "n_embd=64,n_layer=1,n_head=4,rotary_dim=16"], no_pad),
         (["--config_overrides", "n_layer=1,n_embd=32,n_head=2"], lambda c: (c.n_layer, c.n_embd) == (1, 32)),
     ]:
         model, _ = train.build_model_and_tokenizer(train.parse_args(flags))
