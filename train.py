@@ -609,6 +609,7 @@ def build_model_and_tokenizer(args):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.tokenization_auto import get_tokenizer_config
 
     tok_src = args.tokenizer_name or args.model_name_or_path
     flag = "--tokenizer_name" if args.tokenizer_name else "--model_name_or_path"
@@ -619,7 +620,12 @@ def build_model_and_tokenizer(args):
             fail(f"{flag} {src!r} ships its own Python code: add --trust_remote_code to run it (only if you trust it)")
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_src, **remote) if tok_src else ByT5Tokenizer()  # bytes: no files
+        if not tok_src:
+            tokenizer = ByT5Tokenizer()  # bytes: no files
+        elif get_tokenizer_config(tok_src).get("tokenizer_class") == "ByT5Tokenizer":  # bytes, as train.py saves them:
+            tokenizer = ByT5Tokenizer.from_pretrained(tok_src)  # AutoTokenizer takes Qwen2's, Phi-3's, ... own instead
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tok_src, **remote)
     except (OSError, ValueError, KeyError) as e:
         refuse_code(flag, tok_src, e)
         fail(f"{flag} {tok_src!r}: no tokenizer could be loaded ({str(e).splitlines()[0]})")

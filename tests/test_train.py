@@ -293,7 +293,7 @@ def test_config_overrides_go_to_the_config_constructor(tmp_path):
     the config once the whole run had trained), a Llama 64 wide with 4 heads has heads 16 wide (not its default's
     128); the default GPT-2 takes them as before (a combination the config refuses: test_reliability). A type's own
     padding id becomes the tokenizer's (Phi-3's 32000, past the byte vocabulary, failed to build; CodeGen's config
-    has no padding id at all)."""
+    has no padding id at all). Saved, each reloads as a model to fine-tune with the same byte tokenizer."""
     sys.path.insert(0, ROOT)
     from transformers import AutoConfig
 
@@ -308,9 +308,14 @@ def test_config_overrides_go_to_the_config_constructor(tmp_path):
         (["--model_type", "codegen", "--config_overrides", "n_embd=64,n_layer=1,n_head=4,rotary_dim=16"], no_pad),
         (["--config_overrides", "n_layer=1,n_embd=32,n_head=2"], lambda c: (c.n_layer, c.n_embd) == (1, 32)),
     ]:
-        model, _ = train.build_model_and_tokenizer(train.parse_args(flags))
+        model, tokenizer = train.build_model_and_tokenizer(train.parse_args(flags))
         model.save_pretrained(tmp_path / flags[1])  # where the refusal came, after training
+        tokenizer.save_pretrained(tmp_path / flags[1])
         assert check(AutoConfig.from_pretrained(tmp_path / flags[1])), flags
+        # a local "pretrained" model to fine-tune: its tokenizer comes back as bytes (transformers 5's AutoTokenizer
+        # takes Qwen2's and Phi-3's own tokenizer for those types, which turned every text into no tokens at all)
+        _, again = train.build_model_and_tokenizer(train.parse_args(["--model_name_or_path", str(tmp_path / flags[1])]))
+        assert list(train.encode(again, ["To be"])[0]) == [87, 114, 35, 101, 104, 1], (flags, type(again).__name__)
 
 
 def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
