@@ -605,6 +605,20 @@ def scratch_config(make, defaults, args):
     return make(**(defaults | {k: getattr(config, k) for k in keys}))
 
 
+def max_positions(config):
+    """The longest sequence the model takes, or None (MPT names it max_seq_len; Gemma 3 keeps it in a text config)."""
+    c = config.get_text_config()
+    names = ("max_position_embeddings", "n_positions", "max_seq_len")
+    return next((getattr(c, k) for k in names if getattr(c, k, None)), None)
+
+
+def model_flag(args):
+    """The flag that chose the model, for an error about it."""
+    if args.model_name_or_path:
+        return "--model_name_or_path"
+    return "--config_overrides" if args.config_overrides else "--model_type" if args.model_type else "--config_name"
+
+
 def build_model_and_tokenizer(args):
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config
@@ -659,15 +673,7 @@ def build_model_and_tokenizer(args):
             config.validate()  # what save_pretrained checks at the end of the run, checked before it starts
             model = AutoModelForCausalLM.from_config(config, **remote)
     except refused as e:
-        flag = (
-            "--model_name_or_path"
-            if args.model_name_or_path
-            else "--config_overrides"
-            if args.config_overrides
-            else "--model_type"
-            if args.model_type
-            else "--config_name"
-        )
+        flag = model_flag(args)
         src = "--model_name_or_path" if args.model_name_or_path else "--config_name"
         refuse_code(src, args.model_name_or_path or args.config_name, e)
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -682,7 +688,7 @@ def build_model_and_tokenizer(args):
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    positions = max_positions(model.config)
     if positions and args.block_size > positions:
         fail(f"--block_size {args.block_size} is longer than the model's {positions} positions")
     return model, tokenizer
@@ -1571,6 +1577,22 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         )
 
 
+def check_first_forward(args, accelerator, model, eval_dl):
+    """One forward of one validation block, before anything on disk changes: a config that builds but cannot run
+    (a rotary width past the head's, more experts per token than experts, ...) is refused in one line here, not by a
+    traceback after --overwrite_output_dir has cleared the previous run. No gradient, no dropout, no random draw."""
+    ids = eval_dl.dataset[0]["input_ids"][None].to(accelerator.device)
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, NotImplementedError, AttributeError) as e:
+        why = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        n = ids.shape[1]
+        fail(f"{model_flag(args)}: the model fails on a block of --block_size {n} ({type(e).__name__}: {why})")
+    model.train()
+
+
 def prepare_output_dir(args, accelerator):
     """Called once everything that can fail on bad input has been built. Without a resume, a previous run's
     metrics, checkpoints and slots go (--overwrite_output_dir), so no stale checkpoint is resumed later."""
@@ -1663,7 +1685,7 @@ def sample(args, tokenizer):
         else tokenizer("The", return_tensors="pt").input_ids
     )
     torch.manual_seed(args.seed)
-    room = getattr(reloaded.config, "max_position_embeddings", None) or args.sample_tokens + prompt.shape[1]
+    room = max_positions(reloaded.config) or args.sample_tokens + prompt.shape[1]
     out = reloaded.generate(
         prompt,
         max_new_tokens=min(args.sample_tokens, room - prompt.shape[1]),
@@ -1711,12 +1733,13 @@ def main(argv=None):
         check_slot_form(args.resume_from_checkpoint, saved["slots"], mode, mode != "disk", mode)
     accelerator = make_accelerator(args, ds_config)
 
-    # model, data, optimizer: built (and checked) before anything on disk changes
+    # model, data, optimizer: built, prepared and checked (one forward) before anything on disk changes
     model, tokenizer = build_model_and_tokenizer(args)
     train_dl, eval_dl = build_dataloaders(args, tokenizer, accelerator)
     optimizer = build_optimizer(args, model)
-    prepare_output_dir(args, accelerator)
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    check_first_forward(args, accelerator, model, eval_dl)
+    prepare_output_dir(args, accelerator)
 
     # the token budget (a batch-size change spends tokens, not steps), the state a resume restores
     gas = args.gradient_accumulation_steps

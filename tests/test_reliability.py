@@ -178,6 +178,16 @@ LATE = [
         "no causal LM could be built (NotImplementedError: This model does not support the setting of `num_hidden_",
     ),
     (
+        "a config that builds but cannot run",  # (a rotary width past its heads 16 wide): before any file goes
+        lambda t: ["--model_type", "gptj", "--config_overrides", "n_embd=64,n_layer=1,n_head=4,rotary_dim=64"],
+        "--config_overrides: the model fails on a block of --block_size 32 (RuntimeError: The size of tensor a (16)",
+    ),
+    (
+        "a block longer than MPT's positions",  # (MPT names them max_seq_len)
+        lambda t: ["--model_type", "mpt", "--config_overrides", "d_model=64,n_layers=1,n_heads=4,max_seq_len=16"],
+        "--block_size 32 is longer than the model's 16 positions",
+    ),
+    (
         "a model's own code without --trust_remote_code",  # refused, not prompted for (None would prompt on every rank)
         lambda t: ["--model_name_or_path", custom_code_model(t / "custom")],
         "ships its own Python code: add --trust_remote_code",

@@ -318,6 +318,15 @@ def test_config_overrides_go_to_the_config_constructor(tmp_path):
         assert list(train.encode(again, ["To be"])[0]) == [87, 114, 35, 101, 104, 1], (flags, type(again).__name__)
 
 
+def test_the_sample_stays_within_the_models_positions(tmp_path):
+    """An MPT whose positions (its max_seq_len) are --block_size trains, saves and then samples only as many tokens
+    as fit: the sample asked for more, and generation ran past the positions with a traceback after the run."""
+    mpt = ["--model_type", "mpt", "--config_overrides", "d_model=32,n_layers=1,n_heads=2,max_seq_len=32"]
+    out = str(tmp_path / "mpt")
+    p = launch(TINY + mpt + ["--max_train_steps", "4", "--sample_tokens", "64", "--output_dir", out])
+    assert "----- sample -----" in p.stdout and results(out)["steps"] == 4
+
+
 def test_a_budget_in_epochs_when_only_num_train_epochs_is_given(tmp_path):
     """--num_train_epochs alone sets the budget, and --max_train_steps, when given, overrides it (as in transformers'
     scripts); with neither, the default run's 400 steps. A lone train file gives up --validation_split_percentage of
