@@ -18,6 +18,7 @@ Several nodes: the same command on every node, with --num_machines, --machine_ra
 import argparse
 import copy
 import dataclasses
+import glob
 import inspect
 import json
 import math
@@ -1593,9 +1594,15 @@ def check_first_forward(args, accelerator, model, eval_dl):
     model.train()
 
 
+def tensorboard_log(path):
+    """Whether path is the TensorBoard log that init_trackers("train") writes into --output_dir."""
+    return os.path.basename(path) == "train" and bool(glob.glob(os.path.join(path, "events.out.tfevents.*")))
+
+
 def prepare_output_dir(args, accelerator):
     """Called once everything that can fail on bad input has been built. Without a resume, a previous run's
-    metrics, checkpoints and slots go (--overwrite_output_dir), so no stale checkpoint is resumed later."""
+    metrics, checkpoints, slots and TensorBoard log go (--overwrite_output_dir), so no stale checkpoint is resumed
+    later and TensorBoard shows no previous run's curves under this one's name."""
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if not args.resume_from_checkpoint:
@@ -1603,7 +1610,7 @@ def prepare_output_dir(args, accelerator):
                 path = os.path.join(args.output_dir, n)
                 if n in ("metrics.jsonl", "results.json"):
                     os.remove(path)
-                elif n.startswith("step_") or n == "controller_slots":
+                elif n.startswith("step_") or n == "controller_slots" or tensorboard_log(path):
                     shutil.rmtree(path)
     accelerator.wait_for_everyone()
 

@@ -84,6 +84,21 @@ def test_default_data_one_process_zero2(tmp_path):
     assert ids.shape[1] > 5
 
 
+def test_a_run_over_a_previous_one_keeps_none_of_its_logs(tmp_path):
+    """--overwrite_output_dir: the second run's metrics, results and TensorBoard log are its own (the previous run's
+    event file stayed beside the new one, and TensorBoard drew both runs' curves as one)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = str(tmp_path / "run")
+    common = TINY + ["--max_train_steps", "8", "--with_tracking", "--sample_tokens", "0", "--output_dir", out]
+    launch(common)
+    launch(common + ["--overwrite_output_dir", "--learning_rate", "1e-2"])
+    events = glob.glob(os.path.join(out, "train", "events.out.tfevents.*"))
+    assert len(events) == 1, events
+    logged = [(e.step, e.value) for e in EventAccumulator(events[0]).Reload().Scalars("eval/loss")]
+    assert logged == [(x["step"], pytest.approx(x["eval_loss"])) for x in rows(out) if "eval_loss" in x]
+
+
 SEARCH = ["--max_train_steps", "24", "--search_budget", "0.9", "--learning_rate", "1.0"]  # far too high; room to try
 
 
