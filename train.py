@@ -1594,18 +1594,38 @@ def check_first_forward(args, accelerator, model, eval_dl):
     model.train()
 
 
+def keep_rows_until(path, step):
+    """Drop the metrics rows logged after `step` (and a line a kill cut short); the file is replaced whole."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 def tensorboard_log(path):
     """Whether path is the TensorBoard log that init_trackers("train") writes into --output_dir."""
     return os.path.basename(path) == "train" and bool(glob.glob(os.path.join(path, "events.out.tfevents.*")))
 
 
-def prepare_output_dir(args, accelerator):
+def prepare_output_dir(args, accelerator, saved):
     """Called once everything that can fail on bad input has been built. Without a resume, a previous run's
     metrics, checkpoints, slots and TensorBoard log go (--overwrite_output_dir), so no stale checkpoint is resumed
-    later and TensorBoard shows no previous run's curves under this one's name."""
+    later and TensorBoard shows no previous run's curves under this one's name. A resume keeps the metrics rows up
+    to its checkpoint's step: the interrupted run's later rows would come twice (TensorBoard: purge_step)."""
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        if not args.resume_from_checkpoint:
+        if saved:
+            keep_rows_until(os.path.join(args.output_dir, "metrics.jsonl"), saved["train"]["step"])
+        else:
             for n in os.listdir(args.output_dir):
                 path = os.path.join(args.output_dir, n)
                 if n in ("metrics.jsonl", "results.json"):
@@ -1746,7 +1766,7 @@ def main(argv=None):
     optimizer = build_optimizer(args, model)
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     check_first_forward(args, accelerator, model, eval_dl)
-    prepare_output_dir(args, accelerator)
+    prepare_output_dir(args, accelerator, saved)
 
     # the token budget (a batch-size change spends tokens, not steps), the state a resume restores
     gas = args.gradient_accumulation_steps
@@ -1764,7 +1784,8 @@ def main(argv=None):
         load_checkpoint(accelerator, args.resume_from_checkpoint, state, controller, slots, saved)
     if args.with_tracking:
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("train", config=config)
+        purge = {"tensorboard": {"purge_step": state.step + 1}} if saved else {}  # hides the later events, as above
+        accelerator.init_trackers("train", config=config, init_kwargs=purge)
     print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens)
 
     # train: the controller's start (rl's search saves the initial weights), the loop, the final evaluation
