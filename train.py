@@ -1241,16 +1241,26 @@ def optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_to
 
 @torch.no_grad()
 def evaluate(accelerator, model, eval_dl, max_batches, schedulefree_opt=None):
-    """Mean next-token loss and accuracy on the first max_batches validation batches of every process (0: all)."""
+    """Mean next-token loss and accuracy on the first max_batches validation batches of every process (0: all).
+    Each block counts once: on several processes Accelerate fills the last round of batches up with blocks from the
+    start (every rank runs as many forwards, which ZeRO-3 needs); those copies are left out."""
     model.eval()
     if schedulefree_opt is not None:  # evaluate at its averaged weights
         schedulefree_opt.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    real = len(eval_dl.dataset) % eval_dl.total_batch_size  # blocks in a last round that is not full (0: none)
     for i, batch in enumerate(eval_dl):
         if max_batches and i >= max_batches:
             break
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
         labels = batch["input_ids"][:, 1:]
+        if accelerator.num_processes > 1 and real and i == len(eval_dl) - 1:  # the last round, gathered rank by rank:
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").double()
+            hits = (logits.argmax(-1) == labels).double()
+            per_block = torch.stack([loss.sum(1), hits.sum(1), torch.full_like(loss[:, 0], labels.shape[1])], 1)
+            per_block = accelerator.gather(per_block)[:real]  # its real blocks first, then the copies
+            tot += per_block.sum(0) if accelerator.is_main_process else 0  # (once: tot is summed over ranks)
+            continue
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="sum"
         )

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import ROOT, TINY, custom_code_model, launch, launch_cmd, results, rows
 
 ROW_KEYS = {
@@ -157,6 +158,34 @@ def test_two_processes_zero3_memory_slots_match_disk_slots(tmp_path, text_files)
 
     model = AutoModelForCausalLM.from_pretrained(outs["memory"])
     assert sum(p.numel() for p in model.parameters()) > 10000  # a full model, not an empty ZeRO-3 shard
+
+
+def test_two_processes_count_each_validation_block_once(tmp_path, text_files):
+    """5 validation blocks, 4 per batch, 2 processes: Accelerate fills the second rank's batch up with 3 blocks from
+    the start (every rank runs the same forwards); the evaluation leaves them out, so the same weights give the same
+    loss and accuracy on 1 and 2 processes, at ZeRO-2 and ZeRO-3 (the copies had weighed 3 blocks twice)."""
+    from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+    model_dir = str(tmp_path / "model")  # weights far from uniform: each block's loss its own
+    tok = ByT5Tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=64, vocab_size=len(tok), initializer_range=0.5)
+    GPT2LMHeadModel(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    valid = tmp_path / "valid.txt"
+    valid.write_text("to be or not to be " * 5 + "0123456789 " * 6)  # 162 bytes: 5 blocks of 32
+    common = TINY + ["--model_name_or_path", model_dir, "--train_file", text_files[0], "--validation_file", str(valid)]
+    common += ["--per_device_train_batch_size", "2", "--max_train_steps", "1", "--learning_rate", "1e-12"]
+    common += ["--controller", "off", "--final_eval_batches", "0", "--sample_tokens", "0"]
+    one = str(tmp_path / "one")
+    p = launch(common + ["--output_dir", one])
+    assert "validation blocks = 5" in p.stdout
+    for stage in (2, 3):
+        two = str(tmp_path / f"two{stage}")
+        launch(common + ["--output_dir", two, "--zero_stage", str(stage)], processes=2, config="accelerate_config.yaml")
+        assert results(two)["num_processes"] == 2
+        assert results(two)["eval_loss"] == pytest.approx(results(one)["eval_loss"], rel=1e-6)
+        assert results(two)["accuracy"] == results(one)["accuracy"]
 
 
 def test_resume_mid_search_restores_the_slots_exactly(tmp_path, text_files):
