@@ -18,6 +18,7 @@ Several nodes: the same command on every node, with --num_machines, --machine_ra
 import argparse
 import copy
 import dataclasses
+import datetime
 import glob
 import inspect
 import json
@@ -1258,7 +1259,7 @@ def evaluate(accelerator, model, eval_dl, max_batches, schedulefree_opt=None):
             loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none").double()
             hits = (logits.argmax(-1) == labels).double()
             per_block = torch.stack([loss.sum(1), hits.sum(1), torch.full_like(loss[:, 0], labels.shape[1])], 1)
-            per_block = accelerator.gather(per_block)[:real]  # its real blocks first, then the copies
+            per_block = accelerator.gather(per_block)[:real]  # real blocks first (gather_for_metrics cuts so too)
             tot += per_block.sum(0) if accelerator.is_main_process else 0  # (once: tot is summed over ranks)
             continue
         loss = torch.nn.functional.cross_entropy(
@@ -1660,6 +1661,20 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def save_results(path, results):
+    """results.json with evaluate.save's run metadata (time, git commit, versions). evaluate asks the git program
+    for the commit: where git is not installed (slim containers) that raised after the whole run, so the same
+    fields are written here then, the commit None (as evaluate writes outside a repository)."""
+    import evaluate as hf_evaluate
+
+    if shutil.which("git"):
+        return hf_evaluate.save(path, **results)
+    meta = {"_timestamp": datetime.datetime.now().isoformat(), "_git_commit_hash": None}
+    meta |= {"_evaluate_version": hf_evaluate.__version__, "_python_version": sys.version}
+    with open(path, "w") as f:
+        json.dump(results | meta | {"_interpreter_path": sys.executable}, f)
+
+
 def finish(args, accelerator, model, tokenizer, state, final, wall):
     """The final model (gathered under ZeRO-3), results.json, run.png and a generated sample."""
     eval_loss, accuracy = final
@@ -1695,9 +1710,7 @@ def finish(args, accelerator, model, tokenizer, state, final, wall):
             "num_processes": accelerator.num_processes,
             "zero_stage": accelerator.state.deepspeed_plugin.zero_stage,
         }
-        import evaluate as hf_evaluate  # writes the results with run metadata (versions, time, git commit)
-
-        hf_evaluate.save(os.path.join(args.output_dir, "results.json"), **results)
+        save_results(os.path.join(args.output_dir, "results.json"), results)
         print(json.dumps(results))
         plot_run(args.output_dir)
         if args.sample_tokens:
