@@ -1510,6 +1510,13 @@ def make_accelerator(args, ds_config):
     if not cuda:  # launchers set OMP_NUM_THREADS=1; on CPU use the cores, split between local processes
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(args.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":  # DeepSpeed's CPU backend compiles a shared-memory all-reduce at
+        # start that only its inference uses: ~40 s on a first run, a traceback where no C++ compiler is installed.
+        # Training's collectives go through gloo either way (as on macOS, where DeepSpeed skips it itself)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     accelerator = Accelerator(
         deepspeed_plugin=DeepSpeedPlugin(
             hf_ds_config=ds_config, gradient_accumulation_steps=args.gradient_accumulation_steps
