@@ -43,6 +43,11 @@ SWEEP = "1e-4,3e-4,1e-3,3e-3,1e-2,3e-2"
 
 
 # ----------------------------------------------------------------------------- the tasks
+def usable_cores():
+    """The CPU cores this process may run on (os.sched_getaffinity is Linux's; macOS has only the count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def pydocs_files(data_dir):
     """Other text, offline: the docstrings of Python's standard library and pydoc's topics (about 2 MB of
     technical English), one JSON line per text; every 20th text is held out for validation."""
@@ -515,7 +520,7 @@ def throughput(args):
     """train.py's training tokens/s (evaluation excluded) against a bare PyTorch loop with the same model, batch and
     threads (forward, backward, clip, AdamW step), measured side by side, interleaved."""
     args.task_flags = []
-    steps, threads = 150, len(os.sched_getaffinity(0))
+    steps, threads = 150, usable_cores()
     flags = [
         "--controller",
         "off",
@@ -545,7 +550,7 @@ def bare_loop(steps):
     import torch
     from transformers import AutoModelForCausalLM, ByT5Tokenizer, GPT2Config
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(usable_cores())
     tok = ByT5Tokenizer()
     torch.manual_seed(0)
     config = GPT2Config(
@@ -600,7 +605,7 @@ def parse_args():
     if args.threads < 0:
         p.error(f"--threads must be 0 (cores / jobs) or more, got {args.threads}")
     args.passthrough = passthrough
-    args.threads = args.threads or max(1, len(os.sched_getaffinity(0)) // args.jobs)
+    args.threads = args.threads or max(1, usable_cores() // args.jobs)
     if args.quick:
         args.sweep, args.start_factors, args.seeds, args.pretrain_steps = "3e-3,3e-2", "1,10", 2, 40
         args.methods = "rl,rl (1.00x),constant,prodigy"

@@ -1496,6 +1496,11 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
 
 
 # ----------------------------------------------------------------------------- set-up and the end of the run
+def usable_cores():
+    """The CPU cores this process may run on (os.sched_getaffinity is Linux's; macOS has only the count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def make_accelerator(args, ds_config):
     """The process group (gloo on CPU), DeepSpeed from ds_config, the seed, and CPU threads."""
     # DeepSpeed needs these outside a distributed launcher (else it tries MPI discovery)
@@ -1509,7 +1514,7 @@ def make_accelerator(args, ds_config):
     cuda = torch.cuda.is_available()
     if not cuda:  # launchers set OMP_NUM_THREADS=1; on CPU use the cores, split between local processes
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(args.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local))
+        torch.set_num_threads(args.cpu_threads or max(1, usable_cores() // local))
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
@@ -1665,7 +1670,7 @@ def bytes_written():
 def peak_memory_mb():
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)  # B / KiB
 
 
 def save_results(path, results):
