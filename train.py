@@ -1626,7 +1626,7 @@ def keep_rows_until(path, step):
         for line in f:
             try:
                 if json.loads(line)["step"] <= step:
-                    kept.append(line)
+                    kept.append(line.rstrip("\n") + "\n")
             except (ValueError, KeyError, TypeError):
                 pass
     with open(path + ".tmp", "w") as f:
