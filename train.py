@@ -26,6 +26,7 @@ import math
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -1675,11 +1676,17 @@ def peak_memory_mb():
 
 def save_results(path, results):
     """results.json with evaluate.save's run metadata (time, git commit, versions). evaluate asks the git program
-    for the commit: where git is not installed (slim containers) that raised after the whole run, so the same
-    fields are written here then, the commit None (as evaluate writes outside a repository)."""
+    for the commit: where git is not installed (slim containers) that raised after the whole run, and outside a
+    repository git printed "fatal: not a git repository"; there the same fields are written here, the commit None
+    (as evaluate writes outside a repository)."""
     import evaluate as hf_evaluate
 
-    if shutil.which("git"):
+    try:
+        git = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True, check=False)
+        where = git.stdout
+    except OSError:  # no git program
+        where = ""
+    if where.strip() == "true":
         return hf_evaluate.save(path, **results)
     meta = {"_timestamp": datetime.datetime.now().isoformat(), "_git_commit_hash": None}
     meta |= {"_evaluate_version": hf_evaluate.__version__, "_python_version": sys.version}

@@ -52,6 +52,7 @@ def test_default_data_one_process_zero2(tmp_path):
         TINY + ["--output_dir", out, "--with_tracking", "--final_eval_batches", "0"], launcher=True, cwd=tmp_path
     )
     assert "Running training" in p.stdout and "ZeRO-2" in p.stdout
+    assert "not a git repository" not in p.stderr and results(out)["_git_commit_hash"] is None  # (run from tmp_path)
     assert "[controller] step 4" in p.stdout and "Note: rl was measured" not in p.stdout  # warmup + cosine
     assert "rl cools" not in p.stdout
     assert "[controller] initial eval_loss" in p.stdout  # 16 steps: no trial fits; start() reads the initial loss
@@ -98,6 +99,8 @@ def test_a_run_over_a_previous_one_keeps_none_of_its_logs(tmp_path):
     assert len(events) == 1, events
     logged = [(e.step, e.value) for e in EventAccumulator(events[0]).Reload().Scalars("eval/loss")]
     assert logged == [(x["step"], pytest.approx(x["eval_loss"])) for x in rows(out) if "eval_loss" in x]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert results(out)["_git_commit_hash"] == (head.stdout.strip() or None)  # evaluate.save's, run from ROOT
 
 
 SEARCH = ["--max_train_steps", "24", "--search_budget", "0.9", "--learning_rate", "1.0"]  # far too high; room to try
