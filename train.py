@@ -1826,7 +1826,7 @@ def main(argv=None):
         load_checkpoint(accelerator, args.resume_from_checkpoint, state, controller, slots, saved)
     if args.with_tracking:
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        purge = {"tensorboard": {"purge_step": state.step + 1}} if saved else {}  # hides the later events, as above
+        purge = {"tensorboard": {"purge_step": state.step + 1}} if saved else {}  # hides the interrupted run's later
         accelerator.init_trackers("train", config=config, init_kwargs=purge)
     print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens)
 
