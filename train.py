@@ -1826,7 +1826,8 @@ def main(argv=None):
         load_checkpoint(accelerator, args.resume_from_checkpoint, state, controller, slots, saved)
     if args.with_tracking:
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        purge = {"tensorboard": {"purge_step": state.step + 1}} if saved else {}  # hides the interrupted run's later
+        # after a resume TensorBoard hides the interrupted run's events past the checkpoint
+        purge = {"tensorboard": {"purge_step": state.step + 1}} if saved else {}
         accelerator.init_trackers("train", config=config, init_kwargs=purge)
     print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens)
 
