@@ -145,7 +145,11 @@ def parse_args(argv=None):
         "Default: no checkpoints.",
     )
     a("--save_total_limit", type=int, help="Keep only the newest N step_N checkpoints (default: all).")
-    a("--resume_from_checkpoint", help="A step_N directory, or 'latest' (the newest in --output_dir).")
+    a(
+        "--resume_from_checkpoint",
+        help="A step_N directory, or 'latest' (the newest in --output_dir). One of --output_dir's continues its "
+        "logs; one from elsewhere starts new ones there.",
+    )
     a("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
     a("--report_to", default="tensorboard", help="Trackers for --with_tracking: tensorboard, wandb, all, ...")
     a("--sample_tokens", type=int, default=200, help="Tokens generated from the saved model at the end (0: none).")
@@ -384,14 +388,20 @@ def check_output_dir(args):
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         fail(f"--output_dir {out!r}: {parent!r} is not writable ({e.strerror})")
-    previous = os.path.isdir(out) and any(n in PREVIOUS_RUN or n.startswith("step_") for n in os.listdir(out))
-    if previous and not (args.overwrite_output_dir or args.resume_from_checkpoint):
-        fail(
-            f"--output_dir {out!r} holds a previous run or a model: pass --overwrite_output_dir (or "
-            "--resume_from_checkpoint latest)"
-        )
     if args.resume_from_checkpoint:
         args.resume_from_checkpoint = find_checkpoint(args.resume_from_checkpoint, out)
+    previous = os.path.isdir(out) and any(n in PREVIOUS_RUN or n.startswith("step_") for n in os.listdir(out))
+    if previous and not (args.overwrite_output_dir or continues_here(args)):
+        fail(
+            f"--output_dir {out!r} holds a previous run or a model: pass --overwrite_output_dir (or "
+            + (
+                f"resume into an empty one: --resume_from_checkpoint {args.resume_from_checkpoint!r} is not one of "
+                "its step_N)"
+                if args.resume_from_checkpoint
+                else "--resume_from_checkpoint latest)"
+            )
+        )
+    if args.resume_from_checkpoint:
         saved = read_train_state(args.resume_from_checkpoint)["train"]["signature"]
         now = run_signature(args)
         diff = sorted(k for k, v in now.items() if saved.get(k) != v)
@@ -444,6 +454,15 @@ SIGNATURE = [
     "max_nonfinite_steps",
     "controller_patience",
 ]
+
+
+def continues_here(args):
+    """Whether the run resumes a checkpoint of its own --output_dir (a step_N in it): it continues the run whose logs
+    are there. A checkpoint from elsewhere starts a new run's logs, as a fresh run does."""
+    ckpt = args.resume_from_checkpoint
+    if not ckpt:
+        return False
+    return os.path.realpath(os.path.dirname(os.path.normpath(ckpt))) == os.path.realpath(args.output_dir)
 
 
 def run_signature(args):
@@ -1006,6 +1025,16 @@ def available_memory_bytes():
         return None
 
 
+def link_or_copy(src, dst):
+    """A hard link (no bytes written), or a copy where the file system cannot link: a checkpoint resumed from
+    another device (a link across file systems raised after the output directory was prepared), or one without
+    hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 class Slots:
     """The controller's rollback points: the weights, optimizer state and data position saved under a name and
     loaded back. "memory": every rank keeps a host copy of its own share (see engine_state: with AdamW at ZeRO
@@ -1083,11 +1112,11 @@ class Slots:
                 os.makedirs(os.path.join(dest, name), exist_ok=True)
                 out = os.path.join(dest, name, f"rank_{rank}.pt")
                 if linked:
-                    os.link(os.path.join(src, f"rank_{rank}.pt"), out)
+                    link_or_copy(os.path.join(src, f"rank_{rank}.pt"), out)
                 else:
                     torch.save(self.mem[name], out)
             elif self.acc.is_main_process:  # DeepSpeed's files, written once: link them
-                shutil.copytree(src, os.path.join(dest, name), copy_function=os.link)
+                shutil.copytree(src, os.path.join(dest, name), copy_function=link_or_copy)
         return table
 
     def written_to(self, path):
@@ -1113,7 +1142,7 @@ class Slots:
                 path = os.path.join(src, name, f"rank_{self.acc.process_index}.pt")
                 self.mem[name] = torch.load(path, map_location=self.where, weights_only=False)
             elif self.acc.is_main_process:
-                shutil.copytree(os.path.join(src, name), os.path.join(self.root, name), copy_function=os.link)
+                shutil.copytree(os.path.join(src, name), os.path.join(self.root, name), copy_function=link_or_copy)
             self.meta[name] = meta
             self.written[name] = (meta["weights_id"], os.path.dirname(src))
         self.acc.wait_for_everyone()
@@ -1644,10 +1673,12 @@ def prepare_output_dir(args, accelerator, saved):
     """Called once everything that can fail on bad input has been built. Without a resume, a previous run's
     metrics, checkpoints, slots and TensorBoard log go (--overwrite_output_dir), so no stale checkpoint is resumed
     later and TensorBoard shows no previous run's curves under this one's name. A resume keeps the metrics rows up
-    to its checkpoint's step: the interrupted run's later rows would come twice (TensorBoard: purge_step)."""
+    to its checkpoint's step: the interrupted run's later rows would come twice (TensorBoard: purge_step). A resume
+    from a checkpoint in another directory clears this one as a fresh run does: its logs and checkpoints are not this
+    run's (another run's step_N left here would be the next `--resume_from_checkpoint latest`)."""
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        if saved:
+        if saved and continues_here(args):
             keep_rows_until(os.path.join(args.output_dir, "metrics.jsonl"), saved["train"]["step"])
         else:
             for n in os.listdir(args.output_dir):

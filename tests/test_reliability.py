@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -590,3 +591,45 @@ def test_a_resume_logs_each_step_once(tmp_path):
     assert [s for s, _ in now] == [s for s, _ in ref] and [x for _, x in now] == pytest.approx([x for _, x in ref])
     logged = EventAccumulator(os.path.join(out, "train")).Reload().Scalars("eval/loss")
     assert [(e.step, e.value) for e in logged] == [(s, pytest.approx(x)) for s, x in now if x is not None]
+
+
+def test_a_resume_from_another_directory_starts_a_new_runs_logs(checkpointed, tmp_path):
+    """A checkpoint from elsewhere resumed into a directory that holds another run: refused without
+    --overwrite_output_dir (it passed, as a resume, and that run's rows were trimmed and appended to, and its later
+    step_N stayed, the next `--resume_from_checkpoint latest`); with the flag, that run goes as before a fresh run."""
+    other = tmp_path / "other"
+    shutil.copytree(checkpointed, other)  # a previous run: its logs, results and step_4 .. step_N
+    ckpt = os.path.join(checkpointed, "step_8")
+    base = TINY + SEARCHING + ["--output_dir", str(other), "--resume_from_checkpoint", ckpt, "--sample_tokens", "0"]
+    before = snapshot(other)
+    with pytest.raises(SystemExit) as e:
+        train.main(base)
+    assert "--overwrite_output_dir" in str(e.value.code) and "not one of its step_N" in str(e.value.code), e.value.code
+    assert snapshot(other) == before
+    launch(base + ["--overwrite_output_dir"])
+    assert not [n for n in os.listdir(other) if n.startswith("step_")]
+    steps = [r["step"] for r in rows(other)]
+    assert steps and min(steps) > 8 and steps == sorted(steps), steps
+    assert os.path.isfile(os.path.join(checkpointed, "step_8", "train_state.json"))  # the source is left as it was
+
+
+def test_a_checkpoint_on_another_file_system_resumes_with_its_disk_slots(tmp_path):
+    """Disk slots come into the run's directory as hard links from the checkpoint, which cannot cross file systems:
+    resuming from a checkpoint on another device (here /dev/shm, a tmpfs) raised after the output directory was
+    prepared. They are copied there; the resumed run ends where the uninterrupted one did."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or not os.access(shm, os.W_OK) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's directory")
+    flags = TINY + SEARCHING + ["--controller_slots", "disk", "--sample_tokens", "0"]
+    other = tempfile.mkdtemp(dir=shm)
+    try:
+        launch(flags + ["--checkpointing_steps", "4", "--output_dir", os.path.join(other, "run")])
+        ckpt = os.path.join(other, "run", "step_8")
+        with open(os.path.join(ckpt, "train_state.json")) as f:
+            held = json.load(f)["slots"]
+        assert any(not s["same_as_checkpoint"] for s in held.values()), held  # a slot with files of its own
+        out = str(tmp_path / "resumed")
+        launch(flags + ["--output_dir", out, "--resume_from_checkpoint", ckpt])
+        assert results(out)["eval_loss"] == results(os.path.join(other, "run"))["eval_loss"]
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
