@@ -118,7 +118,12 @@ def parse_args(argv=None):
     )
     a("--lr_find_steps", type=int, default=0, help="First an lr range test of this many steps (discarded); 0: off.")
     a("--cpu_threads", type=int, default=0, help="Torch threads per process on CPU (0: cores / local processes).")
-    a("--mixed_precision", choices=["no", "bf16", "fp16"], help="Default: bf16 on a GPU that supports it, else no.")
+    a(
+        "--mixed_precision",
+        choices=["no", "bf16", "fp16"],
+        help="Default: accelerate launch's --mixed_precision (or its config file's) if fp16 or bf16, else bf16 on a "
+        "GPU that supports it, else no.",
+    )
     a(
         "--gradient_checkpointing",
         action="store_true",
@@ -184,8 +189,10 @@ def parse_args(argv=None):
         args.min_gradient_accumulation_steps = gas
     if args.max_gradient_accumulation_steps is None:
         args.max_gradient_accumulation_steps = max(4 * gas, args.min_gradient_accumulation_steps)
-    if args.mixed_precision is None:
-        args.mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if args.mixed_precision is None:  # `accelerate launch --mixed_precision fp16` (or its config file) counts
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # ("no" also when the launcher was not told)
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        args.mixed_precision = launcher if launcher in ("fp16", "bf16") else "bf16" if bf16 else "no"
     return args
 
 
@@ -270,7 +277,10 @@ def check_args(args):
             f"--lr_find_steps ({args.lr_find_steps}) must be below the budget, --max_train_steps {args.max_train_steps}"
         )
     if args.mixed_precision in ("fp16", "bf16") and not torch.cuda.is_available():
-        fail(f"--mixed_precision {args.mixed_precision} needs a GPU; on CPU use --mixed_precision no")
+        fail(
+            f"--mixed_precision {args.mixed_precision} needs a GPU (accelerate launch's --mixed_precision or its "
+            "config file sets it too); on CPU use --mixed_precision no"
+        )
     if args.with_tracking:  # accelerate raises on an unknown name, and warns and logs nowhere for a missing package
         from accelerate.tracking import get_available_trackers
         from accelerate.utils import LoggerType

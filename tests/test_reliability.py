@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import pytest
+import torch
 from helpers import ROOT, TINY, custom_code_model, launch, launch_cmd, results, rows
 
 sys.path.insert(0, ROOT)
@@ -108,6 +109,25 @@ def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, previous_run
     msg = str(e.value.code)
     assert msg.startswith("train.py: error:") and "\n" not in msg and expected in msg, msg
     assert snapshot(previous_run) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CPU: where bf16 is refused")
+def test_the_launchers_mixed_precision_counts(tmp_path):
+    """`accelerate launch --mixed_precision bf16 train.py` ran in fp32 without a word: train.py passed its own
+    default to the Accelerator, over the launcher's. Without train.py's flag the launcher's precision now counts (on
+    CPU: refused in one line, naming where it can come from); train.py's own flag still wins."""
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16"]
+    cmd += [os.path.join(ROOT, "train.py"), *TINY, "--max_train_steps", "4", "--sample_tokens", "0"]
+    cmd += ["--output_dir", out]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]  # (a traceback follows)
+    assert p.returncode != 0 and len(said) == 1 and "--mixed_precision bf16 needs a GPU" in said[0], p.stderr[-2000:]
+    assert "accelerate launch" in said[0]
+    assert not os.path.exists(out)
+    p = subprocess.run([*cmd, "--mixed_precision", "no"], capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert results(out)["steps"] == 4
 
 
 def test_previous_run_or_model_is_not_overwritten_without_the_flag(previous_run, tmp_path):
