@@ -234,6 +234,11 @@ PREVIOUS_RUN = (
 
 def check_args(args):
     """Reject bad flags before any heavy work. Returns the DeepSpeed config with train.py's "auto" values."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes"):  # (it crashed in the loop)
+        fail(
+            "accelerate launch --cpu (or use_cpu: true in its config file) turns DeepSpeed off, which train.py runs "
+            "on; leave it out: without a GPU, DeepSpeed runs on the CPU (gloo)"
+        )
     for name in POSITIVE + POSITIVE_OR_NONE:
         v = getattr(args, name)
         if (v is not None or name in POSITIVE) and v <= 0:

@@ -111,6 +111,18 @@ def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, previous_run
     assert snapshot(previous_run) == before
 
 
+def test_the_launchers_cpu_flag_is_refused_in_one_line(tmp_path):
+    """`accelerate launch --cpu train.py` turns DeepSpeed off: it crashed in the loop (an AttributeError on
+    DistributedDataParallel); now one line before any work."""
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
+    cmd += [os.path.join(ROOT, "train.py"), *TINY, "--output_dir", out]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]  # (a traceback follows)
+    assert p.returncode != 0 and len(said) == 1 and "accelerate launch --cpu" in said[0], p.stderr[-2000:]
+    assert not os.path.exists(out)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CPU: where bf16 is refused")
 def test_the_launchers_mixed_precision_counts(tmp_path):
     """`accelerate launch --mixed_precision bf16 train.py` ran in fp32 without a word: train.py passed its own
