@@ -132,7 +132,8 @@ def parse_args(argv=None):
     )
     a(
         "--deepspeed_config",
-        help="DeepSpeed JSON; its 'auto' values come from these flags. Default: ds_config.json beside train.py.",
+        help="DeepSpeed JSON; its 'auto' values come from these flags. Default: the deepspeed_config_file of "
+        "accelerate launch's config file, else ds_config.json beside train.py.",
     )
     a("--zero_stage", type=int, choices=[0, 1, 2, 3], help="Override the DeepSpeed JSON's zero_optimization.stage.")
     # evaluation, checkpoints, logging
@@ -357,8 +358,16 @@ def check_files(args):
 def check_deepspeed_config(args):
     """Readable, and nothing in it that train.py decides itself."""
     here = os.path.dirname(os.path.abspath(__file__))  # the default is the file beside train.py, from any directory
+    launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # an accelerate config's deepspeed_config_file
+    name = "--deepspeed_config"
+    if not args.deepspeed_config and launcher and launcher.lower() != "none":
+        # as the launcher passes it: relative to where it ran, or (this repository's accelerate_config.yaml, launched
+        # from another directory) beside train.py
+        beside = os.path.join(here, launcher)
+        args.deepspeed_config = beside if not os.path.exists(launcher) and os.path.exists(beside) else launcher
+        name = "accelerate launch's deepspeed_config_file (from its config file)"
     args.deepspeed_config = args.deepspeed_config or os.path.join(here, "ds_config.json")
-    name = f"--deepspeed_config {args.deepspeed_config!r}"
+    name = f"{name} {args.deepspeed_config!r}"
     try:
         with open(args.deepspeed_config) as f:
             ds = json.load(f)
@@ -383,6 +392,13 @@ def check_deepspeed_config(args):
     ):
         if ds.get(key, "auto") != "auto":
             fail(f"{name}: '{key}' must be \"auto\" (set it with train.py's flags)")
+    if stage == 3:  # the final save gathers the whole model: without this DeepSpeed refused it after the whole run
+        zero = ds["zero_optimization"]
+        if not zero.setdefault("stage3_gather_16bit_weights_on_model_save", True):
+            fail(
+                f"{name}: zero_optimization.stage3_gather_16bit_weights_on_model_save must be true (or left out) at "
+                "stage 3: train.py saves the whole model at the end"
+            )
     if args.optimizer == "schedulefree" and stage != 0:
         fail("--optimizer schedulefree needs --zero_stage 0: ZeRO partitions hide the averaged weights it swaps in")
     args.zero_stage = stage  # resolved: the one stage this run uses (its checkpoints depend on it)

@@ -21,6 +21,8 @@ from helpers import ROOT, TINY, custom_code_model, launch, launch_cmd, results, 
 sys.path.insert(0, ROOT)
 import train
 
+GATHER = "stage3_gather_16bit_weights_on_model_save"
+
 
 # ---------------------------------------------------------------- bad input: one line, non-zero exit, nothing touched
 @pytest.fixture
@@ -90,6 +92,13 @@ BAD = [
     (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": {"stage": 7}}')], "stage"),
     (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": 2}')], "must be an object"),
     (lambda t: ["--deepspeed_config", str(t / "nope.json")], "--deepspeed_config"),
+    (
+        lambda t: [
+            "--deepspeed_config",
+            write(t, "ds.json", json.dumps({"zero_optimization": {"stage": 3, GATHER: False}})),
+        ],
+        "must be true",
+    ),
     (lambda t: ["--optimizer", "schedulefree"], "--zero_stage 0"),
     (lambda t: ["--resume_from_checkpoint", str(t / "step_9")], "--resume_from_checkpoint"),
     (lambda t: ["--resume_from_checkpoint", "latest"], "no complete step_N"),
@@ -109,6 +118,28 @@ def test_bad_input_is_refused_in_one_line_before_any_work(tmp_path, previous_run
     msg = str(e.value.code)
     assert msg.startswith("train.py: error:") and "\n" not in msg and expected in msg, msg
     assert snapshot(previous_run) == before
+
+
+def test_the_launchers_deepspeed_config_file_is_used(tmp_path):
+    """An accelerate config's `deepspeed_config_file` was ignored (train.py read ds_config.json beside it): a ZeRO-3
+    JSON named there ran ZeRO-2. It is the default now (train.py's --deepspeed_config still wins); one that is not
+    there is named in one line. The JSON says only {"stage": 3}: without stage3_gather_16bit_weights_on_model_save
+    DeepSpeed refused the final save after the whole run (train.py now sets it)."""
+    with open(os.path.join(ROOT, "ds_config.json")) as f:
+        ds = json.load(f) | {"zero_optimization": {"stage": 3}}
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    with open(os.path.join(ROOT, "accelerate_config.yaml")) as f:
+        config = f.read().replace("file: ds_config.json", f"file: {tmp_path}/zero3.json")
+    assert str(tmp_path) in config
+    (tmp_path / "acc.yaml").write_text(config)
+    out = str(tmp_path / "out")
+    flags = [*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out]
+    launch(flags, config=str(tmp_path / "acc.yaml"))
+    assert results(out)["zero_stage"] == 3
+    (tmp_path / "acc.yaml").write_text(config.replace("zero3.json", "nosuch.json"))
+    p = launch(flags + ["--overwrite_output_dir"], config=str(tmp_path / "acc.yaml"), check=False)
+    said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert p.returncode != 0 and len(said) == 1 and "deepspeed_config_file" in said[0] and "nosuch.json" in said[0]
 
 
 def test_the_launchers_cpu_flag_is_refused_in_one_line(tmp_path):
