@@ -355,9 +355,31 @@ def check_files(args):
             fail(f"--config_overrides: {pair!r} is not key=value (e.g. 'n_embd=256,n_layer=6')")
 
 
+# an accelerate config's DeepSpeed fields that Accelerate refuses beside a DeepSpeed JSON (DeepSpeedPlugin's checks)
+DS_FIELDS_IGNORED = (
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "zero_stage",
+    "offload_optimizer_device",
+    "offload_param_device",
+    "offload_param_nvme_path",
+    "offload_optimizer_nvme_path",
+    "zero3_save_16bit_model",
+    "mixed_precision",
+)
+
+
 def check_deepspeed_config(args):
     """Readable, and nothing in it that train.py decides itself."""
     here = os.path.dirname(os.path.abspath(__file__))  # the default is the file beside train.py, from any directory
+    inline = os.environ.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")  # what `accelerate config` writes
+    inline = [f for f in inline if f in DS_FIELDS_IGNORED]
+    if inline:  # (Accelerate raised on them after the build, as fields it ignores beside a DeepSpeed JSON)
+        fail(
+            f"accelerate launch's config file sets {', '.join(inline)} for DeepSpeed; train.py reads one DeepSpeed "
+            "JSON: give the config deepspeed_config_file: ds_config.json instead (as accelerate_config.yaml does) and "
+            "set the rest with train.py's flags (--zero_stage, --mixed_precision, --max_grad_norm, ...)"
+        )
     launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # an accelerate config's deepspeed_config_file
     name = "--deepspeed_config"
     if not args.deepspeed_config and launcher and launcher.lower() != "none":

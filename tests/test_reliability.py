@@ -136,6 +136,12 @@ def test_the_launchers_deepspeed_config_file_is_used(tmp_path):
     flags = [*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out]
     launch(flags, config=str(tmp_path / "acc.yaml"))
     assert results(out)["zero_stage"] == 3
+    # the config `accelerate config` writes: DeepSpeed's settings inline, no file (Accelerate raised after the build)
+    inline = config.replace(f"deepspeed_config_file: {tmp_path}/zero3.json", "zero_stage: 3")
+    (tmp_path / "inline.yaml").write_text(inline)
+    p = launch(flags + ["--overwrite_output_dir"], config=str(tmp_path / "inline.yaml"), check=False)
+    said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert p.returncode != 0 and len(said) == 1 and "zero_stage" in said[0] and "deepspeed_config_file" in said[0]
     (tmp_path / "acc.yaml").write_text(config.replace("zero3.json", "nosuch.json"))
     p = launch(flags + ["--overwrite_output_dir"], config=str(tmp_path / "acc.yaml"), check=False)
     said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]
