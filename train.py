@@ -445,14 +445,11 @@ def check_output_dir(args):
         args.resume_from_checkpoint = find_checkpoint(args.resume_from_checkpoint, out)
     previous = os.path.isdir(out) and any(n in PREVIOUS_RUN or n.startswith("step_") for n in os.listdir(out))
     if previous and not (args.overwrite_output_dir or continues_here(args)):
+        ckpt = args.resume_from_checkpoint
+        other = f"resume into an empty one: --resume_from_checkpoint {ckpt!r} is not one of its step_N" if ckpt else ""
         fail(
             f"--output_dir {out!r} holds a previous run or a model: pass --overwrite_output_dir (or "
-            + (
-                f"resume into an empty one: --resume_from_checkpoint {args.resume_from_checkpoint!r} is not one of "
-                "its step_N)"
-                if args.resume_from_checkpoint
-                else "--resume_from_checkpoint latest)"
-            )
+            f"{other or '--resume_from_checkpoint latest'})"
         )
     if args.resume_from_checkpoint:
         saved = read_train_state(args.resume_from_checkpoint)["train"]["signature"]

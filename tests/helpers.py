@@ -38,10 +38,11 @@ def launch_cmd(script, processes=1, config=None, launcher=False):
     """The command that runs a script of this repository: `accelerate launch` for several processes or a config file
     (several processes take a free port, not 29500: the tests run side by side); one process without a config runs
     `python script` (the same run: train.py gives the one process its rank and world size; the launcher's own
-    start, ~7 s of imports, is left out) unless launcher=True."""
+    start, ~7 s of imports, is left out) unless launcher is True or a list of the launcher's own flags."""
     if not (processes > 1 or config or launcher):
         return [sys.executable, os.path.join(ROOT, script)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    cmd += launcher if isinstance(launcher, list) else []
     cmd += ["--config_file", os.path.join(ROOT, config)] if config else []
     cmd += ["--main_process_port", "0"] if processes > 1 else []
     return cmd + [os.path.join(ROOT, script)]
@@ -54,6 +55,11 @@ def launch(args, processes=1, config=None, check=True, launcher=False, cwd=ROOT)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
     return p
+
+
+def error_lines(p):
+    """The `train.py: error: ...` lines a finished process printed (under accelerate launch a traceback follows)."""
+    return [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]
 
 
 def rows(out):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, TINY, custom_code_model, launch, launch_cmd, results, rows
+from helpers import ROOT, TINY, custom_code_model, error_lines, launch, launch_cmd, results, rows
 
 sys.path.insert(0, ROOT)
 import train
@@ -140,11 +140,11 @@ def test_the_launchers_deepspeed_config_file_is_used(tmp_path):
     inline = config.replace(f"deepspeed_config_file: {tmp_path}/zero3.json", "zero_stage: 3")
     (tmp_path / "inline.yaml").write_text(inline)
     p = launch(flags + ["--overwrite_output_dir"], config=str(tmp_path / "inline.yaml"), check=False)
-    said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]
+    said = error_lines(p)
     assert p.returncode != 0 and len(said) == 1 and "zero_stage" in said[0] and "deepspeed_config_file" in said[0]
     (tmp_path / "acc.yaml").write_text(config.replace("zero3.json", "nosuch.json"))
     p = launch(flags + ["--overwrite_output_dir"], config=str(tmp_path / "acc.yaml"), check=False)
-    said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]
+    said = error_lines(p)
     assert p.returncode != 0 and len(said) == 1 and "deepspeed_config_file" in said[0] and "nosuch.json" in said[0]
 
 
@@ -152,10 +152,8 @@ def test_the_launchers_cpu_flag_is_refused_in_one_line(tmp_path):
     """`accelerate launch --cpu train.py` turns DeepSpeed off: it crashed in the loop (an AttributeError on
     DistributedDataParallel); now one line before any work."""
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
-    cmd += [os.path.join(ROOT, "train.py"), *TINY, "--output_dir", out]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]  # (a traceback follows)
+    p = launch([*TINY, "--output_dir", out], check=False, launcher=["--cpu"])
+    said = error_lines(p)
     assert p.returncode != 0 and len(said) == 1 and "accelerate launch --cpu" in said[0], p.stderr[-2000:]
     assert not os.path.exists(out)
 
@@ -166,16 +164,13 @@ def test_the_launchers_mixed_precision_counts(tmp_path):
     default to the Accelerator, over the launcher's. Without train.py's flag the launcher's precision now counts (on
     CPU: refused in one line, naming where it can come from); train.py's own flag still wins."""
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "bf16"]
-    cmd += [os.path.join(ROOT, "train.py"), *TINY, "--max_train_steps", "4", "--sample_tokens", "0"]
-    cmd += ["--output_dir", out]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    said = [line for line in p.stderr.splitlines() if line.startswith("train.py: error:")]  # (a traceback follows)
+    flags = [*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out]
+    p = launch(flags, check=False, launcher=["--mixed_precision", "bf16"])
+    said = error_lines(p)
     assert p.returncode != 0 and len(said) == 1 and "--mixed_precision bf16 needs a GPU" in said[0], p.stderr[-2000:]
     assert "accelerate launch" in said[0]
     assert not os.path.exists(out)
-    p = subprocess.run([*cmd, "--mixed_precision", "no"], capture_output=True, text=True, timeout=600, check=False)
-    assert p.returncode == 0, p.stderr[-2000:]
+    launch([*flags, "--mixed_precision", "no"], launcher=["--mixed_precision", "bf16"])
     assert results(out)["steps"] == 4
 
 
