@@ -154,7 +154,7 @@ def parse_args(argv=None):
     a(
         "--resume_from_checkpoint",
         help="A step_N directory, or 'latest' (the newest in --output_dir). One of --output_dir's continues its "
-        "logs; one from elsewhere starts new ones there.",
+        "logs (an earlier one: its later step_N go, with --overwrite_output_dir); one from elsewhere starts new ones.",
     )
     a("--with_tracking", action="store_true", help="Log to the trackers of --report_to.")
     a("--report_to", default="tensorboard", help="Trackers for --with_tracking: tensorboard, wandb, all, ...")
@@ -460,6 +460,13 @@ def check_output_dir(args):
                 f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is from an incompatible run: "
                 + ", ".join(f"{k} was {saved.get(k)!r}, now {now[k]!r}" for k in diff)
             )
+    later = later_checkpoints(args)
+    if later and not args.overwrite_output_dir:
+        fail(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint!r}: --output_dir {out!r} holds later checkpoints "
+            f"of the run ({', '.join(os.path.basename(p) for p in later)}; 'latest' would take them until the resumed "
+            f"run writes over them): pass --overwrite_output_dir to delete them, or resume into another --output_dir"
+        )
 
 
 SIGNATURE = [
@@ -513,6 +520,14 @@ def continues_here(args):
     if not ckpt:
         return False
     return os.path.realpath(os.path.dirname(os.path.normpath(ckpt))) == os.path.realpath(args.output_dir)
+
+
+def later_checkpoints(args):
+    """The complete step_N of --output_dir after the one a run resumes there: an abandoned continuation of it."""
+    if not continues_here(args):
+        return []
+    step = read_train_state(args.resume_from_checkpoint)["train"]["step"]
+    return [p for s, p in complete_checkpoints(args.output_dir).items() if s > step]
 
 
 def run_signature(args):
@@ -880,7 +895,7 @@ def read_train_state(path):
         with open(f) as fh:
             saved = json.load(fh)
         assert {"train", "controller", "slots", "files"} <= set(saved), "keys missing"
-        assert {"signature", "budget"} <= set(saved["train"]), "keys missing"
+        assert {"signature", "budget", "step"} <= set(saved["train"]), "keys missing"
     except (OSError, ValueError, AssertionError, TypeError) as e:
         fail(f"--resume_from_checkpoint: {f!r} is not a valid train_state.json ({e}); resume from another step_N")
     return saved
@@ -1730,6 +1745,8 @@ def prepare_output_dir(args, accelerator, saved):
         os.makedirs(args.output_dir, exist_ok=True)
         if saved and continues_here(args):
             keep_rows_until(os.path.join(args.output_dir, "metrics.jsonl"), saved["train"]["step"])
+            for path in later_checkpoints(args):  # --overwrite_output_dir (check_output_dir)
+                shutil.rmtree(path)
         else:
             for n in os.listdir(args.output_dir):
                 path = os.path.join(args.output_dir, n)

@@ -641,7 +641,9 @@ def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, text_fil
 def test_a_resume_logs_each_step_once(tmp_path):
     """After a resume, metrics.jsonl and TensorBoard hold each step once: the interrupted run's rows after the
     checkpoint (here a finished run resumed from step_8) and a line a kill cut short are dropped, TensorBoard's events
-    after the checkpoint purged. They came twice, and the torn line broke run.png at the end."""
+    after the checkpoint purged. They came twice, and the torn line broke run.png at the end. The run's later
+    checkpoints are an abandoned continuation ('latest' took them, its rows gone): refused in one line without
+    --overwrite_output_dir, deleted with it (they stayed until written over: one past the run's end stayed for good)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = str(tmp_path / "run")
@@ -650,7 +652,15 @@ def test_a_resume_logs_each_step_once(tmp_path):
     ref = [(r["step"], r.get("eval_loss")) for r in rows(out)]
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write('{"step": 16, "tokens_se')  # a kill while a row was written
-    launch(common + ["--resume_from_checkpoint", os.path.join(out, "step_8")])
+    shutil.copytree(os.path.join(out, "step_12"), os.path.join(out, "step_20"))  # as a longer run would leave
+    resume = common + ["--resume_from_checkpoint", os.path.join(out, "step_8")]
+    before = snapshot(out)
+    with pytest.raises(SystemExit) as e:
+        train.main(resume)
+    assert "(step_12, step_20;" in str(e.value.code) and "--overwrite_output_dir" in str(e.value.code)
+    assert snapshot(out) == before
+    launch(resume + ["--overwrite_output_dir"])
+    assert sorted(n for n in os.listdir(out) if n.startswith("step_")) == ["step_12", "step_4", "step_8"]
     now = [(r["step"], r.get("eval_loss")) for r in rows(out)]
     assert [s for s, _ in now] == [s for s, _ in ref] and [x for _, x in now] == pytest.approx([x for _, x in ref])
     logged = EventAccumulator(os.path.join(out, "train")).Reload().Scalars("eval/loss")
