@@ -193,7 +193,7 @@ def parse_args(argv=None):
     if args.mixed_precision is None:  # `accelerate launch --mixed_precision fp16` (or its config file) counts
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # ("no" also when the launcher was not told)
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        args.mixed_precision = launcher if launcher in ("fp16", "bf16") else "bf16" if bf16 else "no"
+        args.mixed_precision = launcher if launcher not in ("no", "") else "bf16" if bf16 else "no"  # fp8: refused
     return args
 
 
@@ -281,6 +281,11 @@ def check_args(args):
     if args.max_train_steps and args.lr_find_steps >= args.max_train_steps:
         fail(
             f"--lr_find_steps ({args.lr_find_steps}) must be below the budget, --max_train_steps {args.max_train_steps}"
+        )
+    if args.mixed_precision not in ("no", "fp16", "bf16"):  # (train.py's own flag has these choices)
+        fail(
+            f"accelerate launch's --mixed_precision {args.mixed_precision} (or its config file's): train.py runs no, "
+            "fp16 or bf16; pass train.py's --mixed_precision to choose one"
         )
     if args.mixed_precision in ("fp16", "bf16") and not torch.cuda.is_available():
         fail(

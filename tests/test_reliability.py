@@ -174,6 +174,18 @@ def test_the_launchers_mixed_precision_counts(tmp_path):
     assert results(out)["steps"] == 4
 
 
+def test_the_launchers_fp8_is_refused_in_one_line(tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision fp8` (what the launcher sets: ACCELERATE_MIXED_PRECISION) ran in bf16 on a
+    GPU, fp32 on CPU, without a word: refused in one line before any work; train.py's own flag still wins."""
+    out = str(tmp_path / "out")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--output_dir", out])
+    assert "--mixed_precision fp8" in str(e.value.code) and "no, fp16 or bf16" in str(e.value.code), e.value.code
+    assert not os.path.exists(out)
+    assert train.parse_args([*TINY, "--mixed_precision", "no"]).mixed_precision == "no"
+
+
 def test_previous_run_or_model_is_not_overwritten_without_the_flag(previous_run, tmp_path):
     before = snapshot(previous_run)
     with pytest.raises(SystemExit) as e:
