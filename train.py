@@ -437,6 +437,8 @@ def check_deepspeed_config(args):
 def check_output_dir(args):
     """A directory we may write to, that holds no previous run unless asked; the checkpoint to resume from."""
     out = args.output_dir
+    if not out.strip():
+        fail(f"--output_dir {out!r} names no directory: give a path (default: out)")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--output_dir {out!r} is a file, not a directory")
     parent = os.path.abspath(out)

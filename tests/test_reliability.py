@@ -107,6 +107,7 @@ BAD = [
     (lambda t: ["--model_type", "llama", "--config_name", "gpt2"], "--model_type builds a model from scratch"),
     (lambda t: ["--output_dir", write(t, "a-file", "x")], "is a file"),
     (lambda t: ["--output_dir", "/proc/no/such/dir"], "not writable"),
+    (lambda t: ["--output_dir", ""], "--output_dir '' names no directory"),
 ]
 
 
