@@ -408,7 +408,7 @@ def check_deepspeed_config(args):
         fail(f"{name}: 'zero_optimization' must be an object, e.g. {{\"stage\": 2}}")
     if args.zero_stage is not None:
         ds["zero_optimization"]["stage"] = args.zero_stage
-    stage = ds["zero_optimization"].get("stage", 0)
+    stage = ds["zero_optimization"].setdefault("stage", 0)  # DeepSpeed's default; Accelerate's save reads the key
     if stage not in (0, 1, 2, 3):
         fail(f"{name}: zero_optimization.stage must be 0-3, got {stage!r}")
     for key in (
@@ -419,6 +419,15 @@ def check_deepspeed_config(args):
     ):
         if ds.get(key, "auto") != "auto":
             fail(f"{name}: '{key}' must be \"auto\" (set it with train.py's flags)")
+    for key in ("fp16", "bf16", "bfloat16"):  # ("bfloat16": DeepSpeed's other name for bf16)
+        section = ds.get(key, {})
+        enabled = section.get("enabled", "auto") if isinstance(section, dict) else section
+        wanted = args.mixed_precision == ("bf16" if key == "bfloat16" else key)
+        if enabled != "auto" and enabled is not wanted:  # (a JSON's bf16 ran bf16 under a run that said precision no)
+            fail(
+                f"{name}: '{key}.enabled' is {json.dumps(enabled)} while --mixed_precision is {args.mixed_precision}: "
+                "set it to \"auto\" (train.py's --mixed_precision, or accelerate launch's, decides the precision)"
+            )
     if stage == 3:  # the final save gathers the whole model: without this DeepSpeed refused it after the whole run
         zero = ds["zero_optimization"]
         if not zero.setdefault("stage3_gather_16bit_weights_on_model_save", True):

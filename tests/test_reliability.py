@@ -93,6 +93,10 @@ BAD = [
     (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": 2}')], "must be an object"),
     (lambda t: ["--deepspeed_config", str(t / "nope.json")], "--deepspeed_config"),
     (
+        lambda t: ["--mixed_precision", "no", "--deepspeed_config", write(t, "ds.json", '{"bf16": {"enabled": true}}')],
+        "'bf16.enabled' is true while --mixed_precision is no",
+    ),
+    (
         lambda t: [
             "--deepspeed_config",
             write(t, "ds.json", json.dumps({"zero_optimization": {"stage": 3, GATHER: False}})),
@@ -147,6 +151,16 @@ def test_the_launchers_deepspeed_config_file_is_used(tmp_path):
     p = launch(flags + ["--overwrite_output_dir"], config=str(tmp_path / "acc.yaml"), check=False)
     said = error_lines(p)
     assert p.returncode != 0 and len(said) == 1 and "deepspeed_config_file" in said[0] and "nosuch.json" in said[0]
+
+
+def test_a_deepspeed_json_without_a_stage_runs_to_the_saved_model(tmp_path):
+    """DeepSpeed's default is stage 0: a JSON that leaves the stage out (here `{}`) ran, then raised KeyError: 'stage'
+    in Accelerate's final save, after the whole run, and the model was lost."""
+    out = str(tmp_path / "out")
+    ds = write(tmp_path, "ds.json", "{}")
+    launch([*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out, "--deepspeed_config", ds])
+    assert results(out)["zero_stage"] == 0
+    assert_finite_model(out)
 
 
 def test_the_launchers_cpu_flag_is_refused_in_one_line(tmp_path):
