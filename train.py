@@ -430,11 +430,13 @@ def check_deepspeed_config(args):
             )
     if stage == 3:  # the final save gathers the whole model: without this DeepSpeed refused it after the whole run
         zero = ds["zero_optimization"]
-        if not zero.setdefault("stage3_gather_16bit_weights_on_model_save", True):
+        # ("auto" is Accelerate's zero3_save_16bit_model, false unless `accelerate config` set it: then the same)
+        if zero.get("stage3_gather_16bit_weights_on_model_save", "auto") not in ("auto", True):
             fail(
-                f"{name}: zero_optimization.stage3_gather_16bit_weights_on_model_save must be true (or left out) at "
-                "stage 3: train.py saves the whole model at the end"
+                f'{name}: zero_optimization.stage3_gather_16bit_weights_on_model_save must be true, "auto" or left '
+                "out at stage 3: train.py saves the whole model at the end"
             )
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     if args.optimizer == "schedulefree" and stage != 0:
         fail("--optimizer schedulefree needs --zero_stage 0: ZeRO partitions hide the averaged weights it swaps in")
     args.zero_stage = stage  # resolved: the one stage this run uses (its checkpoints depend on it)

@@ -153,13 +153,18 @@ def test_the_launchers_deepspeed_config_file_is_used(tmp_path):
     assert p.returncode != 0 and len(said) == 1 and "deepspeed_config_file" in said[0] and "nosuch.json" in said[0]
 
 
-def test_a_deepspeed_json_without_a_stage_runs_to_the_saved_model(tmp_path):
-    """DeepSpeed's default is stage 0: a JSON that leaves the stage out (here `{}`) ran, then raised KeyError: 'stage'
-    in Accelerate's final save, after the whole run, and the model was lost."""
+@pytest.mark.parametrize(
+    "stage,config",
+    [(0, "{}"), (3, '{"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": "auto"}}')],
+)
+def test_a_deepspeed_json_that_leaves_things_out_runs_to_the_saved_model(tmp_path, stage, config):
+    """Both ran, then raised in Accelerate's final save, after the whole run, and the model was lost: a JSON without a
+    stage (DeepSpeed's default: 0) with KeyError: 'stage'; one whose ZeRO-3 gather flag was "auto" (Accelerate made it
+    false) with "Cannot get 16bit model weights"."""
     out = str(tmp_path / "out")
-    ds = write(tmp_path, "ds.json", "{}")
+    ds = write(tmp_path, "ds.json", config)
     launch([*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out, "--deepspeed_config", ds])
-    assert results(out)["zero_stage"] == 0
+    assert results(out)["zero_stage"] == stage
     assert_finite_model(out)
 
 
