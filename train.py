@@ -409,8 +409,8 @@ def check_deepspeed_config(args):
     if args.zero_stage is not None:
         ds["zero_optimization"]["stage"] = args.zero_stage
     stage = ds["zero_optimization"].setdefault("stage", 0)  # DeepSpeed's default; Accelerate's save reads the key
-    if stage not in (0, 1, 2, 3):
-        fail(f"{name}: zero_optimization.stage must be 0-3, got {stage!r}")
+    if type(stage) is not int or stage not in (0, 1, 2, 3):  # (true == 1 and 2.0 == 2 in Python)
+        fail(f"{name}: zero_optimization.stage must be 0-3, got {json.dumps(stage)}")
     for key in (
         "train_micro_batch_size_per_gpu",
         "gradient_accumulation_steps",
