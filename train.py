@@ -66,7 +66,11 @@ def parse_args(argv=None):
         help="Train from scratch a model of this transformers type (llama, qwen2, gpt2, ...): its default config, with "
         "--config_overrides, sized to the tokenizer. Default: a small GPT-2 (4 layers, 128 wide).",
     )
-    a("--config_overrides", help="Config changes for a from-scratch model, e.g. 'n_embd=256,n_layer=6'.")
+    a(
+        "--config_overrides",
+        help="Config changes, e.g. 'n_embd=256,n_layer=6' for a from-scratch model; with --model_name_or_path only "
+        "those that keep its weights' shapes (dropout: 'resid_pdrop=0.1').",
+    )
     a("--tokenizer_name", help="Hub id or local tokenizer directory. Default: the model's, else bytes (no files).")
     a(
         "--trust_remote_code",
@@ -717,6 +721,38 @@ def max_positions(config):
     return next((getattr(c, k) for k in names if getattr(c, k, None)), None)
 
 
+def pretrained_with_overrides(args, AutoConfig, AutoModelForCausalLM, remote):
+    """--model_name_or_path's model, its config changed by --config_overrides (they were ignored without a word),
+    refused where they change the weights' shapes: what they add would start untrained, what they drop would go."""
+    config = AutoConfig.from_pretrained(args.model_name_or_path, **remote)
+    src = f"--config_overrides {args.config_overrides!r}"
+    try:
+        config.update_from_string(args.config_overrides)
+    except ValueError as e:  # a key the config lacks, a value of another type
+        fail(f"{src}: {e} (of --model_name_or_path's config)")
+    why = f"{src} changes the shapes of --model_name_or_path's weights"
+    hint = "give only settings that keep them (dropout, ...), or train from scratch (--config_name or --model_type)"
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of the tensors: the one line below says it
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            args.model_name_or_path, config=config, output_loading_info=True, **remote
+        )
+    except RuntimeError as e:  # a tensor of another size (transformers' ignore_mismatched_sizes)
+        if "mismatched" not in str(e):
+            raise
+        fail(f"{why} (sizes that do not match): {hint}")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    changed = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(changed.values()):
+        names = ", ".join(f"{len(v)} {k.split('_')[0]}" for k, v in changed.items() if v)
+        fail(f"{why} ({names} tensors, e.g. {next(v[0] for v in changed.values() if v)}): {hint}")
+    return model
+
+
 def model_flag(args):
     """The flag that chose the model, for an error about it."""
     if args.model_name_or_path:
@@ -751,7 +787,9 @@ def build_model_and_tokenizer(args):
     refused = (OSError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError, StrictDataclassError)
     refused += (AssertionError,)  # what a model's constructor asserts (an embedding's padding id past the vocabulary)
     try:
-        if args.model_name_or_path:
+        if args.model_name_or_path and args.config_overrides:  # as on --config_name's: dropout to fine-tune, say
+            model = pretrained_with_overrides(args, AutoConfig, AutoModelForCausalLM, remote)
+        elif args.model_name_or_path:
             model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **remote)
         else:
             if args.config_name:

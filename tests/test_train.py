@@ -274,7 +274,12 @@ def test_rl_cools_a_flat_schedule_down_at_the_end(tmp_path):
 
 
 def test_local_model_directory_and_json_files(tmp_path):
-    from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+    """A local model fine-tuned on a .jsonl file. --config_overrides change its config where they keep the weights'
+    shapes (here its dropout; they were ignored without a word), and are refused in one line where they do not."""
+    sys.path.insert(0, ROOT)
+    from transformers import AutoConfig, ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+    import train
 
     model_dir = tmp_path / "tiny-model"
     tok = ByT5Tokenizer()
@@ -298,11 +303,21 @@ def test_local_model_directory_and_json_files(tmp_path):
             str(data),
             "--controller",
             "off",
+            "--config_overrides",
+            "resid_pdrop=0.2",
         ]
     )
     res = results(out)
     assert res["controller"] == "off" and res["steps"] == 16
     assert "controller/action" not in rows(out)[0]
+    assert AutoConfig.from_pretrained(out).resid_pdrop == 0.2
+    for overrides, expected in [("n_layer=2", "12 missing tensors"), ("n_embd=64", "sizes that do not match")]:
+        with pytest.raises(SystemExit) as e:
+            train.build_model_and_tokenizer(
+                train.parse_args(["--model_name_or_path", str(model_dir), "--config_overrides", overrides])
+            )
+        msg = str(e.value.code)
+        assert msg.startswith("train.py: error: --config_overrides") and "\n" not in msg and expected in msg, msg
 
 
 def test_a_model_with_its_own_code_trains_with_trust_remote_code(tmp_path):
