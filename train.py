@@ -446,7 +446,35 @@ def check_deepspeed_config(args):
     args.zero_stage = stage  # resolved: the one stage this run uses (its checkpoints depend on it)
     ds["gradient_clipping"] = args.max_grad_norm  # the "auto" values train.py owns: the flags are the one source
     ds["train_micro_batch_size_per_gpu"] = args.per_device_train_batch_size
+    why = deepspeed_refuses(ds, args)
+    if why:  # (DeepSpeed said it in a traceback at accelerator.prepare, once the model and the data were built)
+        fail(f"{name}: DeepSpeed refuses it: {why}")
     return ds
+
+
+def deepspeed_refuses(ds, args):
+    """What DeepSpeed's own check of its config says against it (None: nothing), its "auto" values filled as
+    Accelerate will fill them; and an NVMe offload without its path, which only ZeRO-3's model build checked."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    filled = json.loads(json.dumps(ds))  # a copy: Accelerate fills the real one
+    gas = args.gradient_accumulation_steps
+    filled |= {"gradient_accumulation_steps": gas, "train_batch_size": args.per_device_train_batch_size * gas}
+    for key in ("fp16", "bf16", "bfloat16"):
+        if isinstance(filled.get(key), dict) and filled[key].get("enabled") == "auto":
+            filled[key]["enabled"] = args.mixed_precision == ("bf16" if key == "bfloat16" else key)
+    zero = filled["zero_optimization"]
+    zero |= {k: 1 for k, v in zero.items() if v == "auto"}  # bucket sizes: Accelerate's come from the model's width
+    try:
+        config = DeepSpeedConfig(filled).zero_config
+    except (ValueError, AssertionError, TypeError, KeyError) as e:  # (pydantic's ValidationError is a ValueError)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic" not in line]
+        return " ".join(lines[:3]) or type(e).__name__
+    for where in ("offload_param", "offload_optimizer"):
+        offload = getattr(config, where)
+        if offload is not None and offload.device == "nvme" and not offload.nvme_path:
+            return f'zero_optimization.{where}.device is "nvme" without a nvme_path (a directory on an NVMe drive)'
+    return None
 
 
 def check_output_dir(args):

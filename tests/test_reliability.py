@@ -91,6 +91,14 @@ BAD = [
     (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"train_micro_batch_size_per_gpu": 4}')], 'must be "auto"'),
     (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": {"stage": 7}}')], "stage"),
     (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": {"stage": true}}')], "got true"),
+    (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": {"stages": 2}}')], "stages Extra"),
+    (
+        lambda t: [
+            "--deepspeed_config",
+            write(t, "ds.json", '{"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}}'),
+        ],
+        "without a nvme_path",
+    ),
     (lambda t: ["--deepspeed_config", write(t, "ds.json", '{"zero_optimization": 2}')], "must be an object"),
     (lambda t: ["--deepspeed_config", str(t / "nope.json")], "--deepspeed_config"),
     (
