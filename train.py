@@ -623,6 +623,14 @@ def load_raw_datasets(args):
         fail(f"{flag} could not be read: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
     if "train" not in raw:
         fail(f"--dataset_name {args.dataset_name!r} has no 'train' split (it has {', '.join(raw)})")
+    col = args.text_column  # checked before a split is held out (a file of one JSON object said "1 texts: too few")
+    for split in [s for s in ("train", "validation") if s in raw]:
+        found = raw[split].column_names
+        if col not in found:
+            fail(f"--text_column {col!r} is not a column of the {split} data (it has {', '.join(found)})")
+        dtype = getattr(raw[split].features[col], "dtype", None)
+        if dtype not in ("string", "large_string"):
+            fail(f"--text_column {col!r} of the {split} data holds {dtype or raw[split].features[col]}, not text")
     if "validation" not in raw:
         pct = args.validation_split_percentage
         if len(raw["train"]) * pct // 100 < 1:
@@ -653,13 +661,6 @@ def build_datasets(args, tokenizer, accelerator):
     """Tokenise, concatenate and cut into blocks of block_size tokens."""
     raw = load_raw_datasets(args)
     col, bs = args.text_column, args.block_size
-    for split in ("train", "validation"):
-        found = raw[split].column_names
-        if col not in found:
-            fail(f"--text_column {col!r} is not a column of the {split} data (it has {', '.join(found)})")
-        dtype = getattr(raw[split].features[col], "dtype", None)
-        if dtype not in ("string", "large_string"):
-            fail(f"--text_column {col!r} of the {split} data holds {dtype or raw[split].features[col]}, not text")
 
     def tokenize(batch):  # blank texts are skipped; only the ids are kept
         texts = [t for t in batch[col] if t and t.strip()]
