@@ -1977,7 +1977,7 @@ def plot_run(output_dir):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
-    ds_config = check_args(args)  # bad flags fail here, before any heavy import
+    ds_config = check_args(args)  # bad flags fail here, before the model or the data are built
     saved = read_train_state(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     if saved:
         check_checkpoint_files(args.resume_from_checkpoint, saved)

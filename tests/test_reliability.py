@@ -56,10 +56,6 @@ BAD = [
     (lambda t: ["--train_file", write(t, "empty.txt", "")], "is empty"),
     (lambda t: ["--train_file", str(t)], "not a readable file"),
     (lambda t: ["--train_file", write(t, "data.parquet", "x")], "must end in"),
-    (  # one JSON object holding the texts: the column is named (it said "1 texts: too few to hold out")
-        lambda t: ["--train_file", write(t, "one.json", '{"data": [{"text": "a"}, {"text": "b"}]}')],
-        "--text_column 'text' is not a column of the train data (it has data)",
-    ),
     (lambda t: ["--train_file", write(t, "latin1.txt", "caf\xe9\n".encode("latin-1"))], "is not UTF-8 text"),
     (
         lambda t: ["--train_file", write(t, "a.txt", "x\n"), "--validation_file", write(t, "b.jsonl", '{"text": "y"}')],
@@ -264,6 +260,11 @@ LATE = [
             "content",
         ],
         "--text_column 'content' is not a column",
+    ),
+    (
+        "one JSON object holding the texts",  # (it said "1 texts: too few to hold out")
+        lambda t: ["--train_file", write(t, "one.json", '{"data": [{"text": "a"}, {"text": "b"}]}')],
+        "--text_column 'text' is not a column of the train data (it has data)",
     ),
     (
         "too few texts to split",
