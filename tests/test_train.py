@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -494,6 +495,30 @@ def test_accumulation_change_keeps_the_gradient_scale():
     cmd = launch_cmd("tests/accum_check.py", 2, "accelerate_config.yaml")
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 0 and "ACCUM OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+def test_two_nodes_launched_as_the_readme_says_train_as_one_run(tmp_path):
+    """Two "nodes" on this machine, each started as the README's multi-node command (accelerate_config.yaml,
+    --num_machines 2, its own --machine_rank, rank 0's address and port): one run of 2 processes. Without
+    `deepspeed_multinode_launcher: standard` in the config, Accelerate's default (pdsh, which wants a hostfile) failed
+    on node 1 and ran node 0 alone as a one-process run that said nothing."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = str(tmp_path / "run")
+    flags = [*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out]
+    nodes = []
+    for rank in ("0", "1"):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"{ROOT}/accelerate_config.yaml"]
+        cmd += ["--num_machines", "2", "--num_processes", "2", "--machine_rank", rank]
+        cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", port, f"{ROOT}/train.py", *flags]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    said = [node.communicate(timeout=300)[0].decode()[-3000:] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], said
+    res = results(out)
+    assert res["num_processes"] == 2 and res["tokens_seen"] == 2 * 4 * 4 * 32, res
+    assert not os.path.exists(tmp_path / ".deepspeed_env")  # (pdsh's launcher wrote the environment there)
 
 
 def test_two_processes_controller_changes_lr_and_accumulation_identically(tmp_path, text_files):
