@@ -377,6 +377,20 @@ DS_FIELDS_IGNORED = (
     "mixed_precision",
 )
 
+LAUNCHER_DS_FLAGS = {  # what `accelerate launch`'s own DeepSpeed flags pass on (Accelerate's launch.py), and ours
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("--zero_stage", "--zero_stage"),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("--gradient_accumulation_steps", "--gradient_accumulation_steps"),
+    "ACCELERATE_GRADIENT_CLIPPING": ("--gradient_clipping", "--max_grad_norm"),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("--offload_optimizer_device", None),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("--offload_param_device", None),
+}
+
+
+def ours_in_json(flag, value):
+    """Where an offload the launcher was given goes instead."""
+    where = flag.removeprefix("--").removesuffix("_device")
+    return f'set "zero_optimization": {{"{where}": {{"device": "{value}"}}}} in the DeepSpeed JSON (--deepspeed_config)'
+
 
 def check_deepspeed_config(args):
     """Readable, and nothing in it that train.py decides itself."""
@@ -389,6 +403,13 @@ def check_deepspeed_config(args):
             "JSON: give the config deepspeed_config_file: ds_config.json instead (as accelerate_config.yaml does) and "
             "set the rest with train.py's flags (--zero_stage, --mixed_precision, --max_grad_norm, ...)"
         )
+    for env, (flag, ours) in LAUNCHER_DS_FLAGS.items():  # `accelerate launch --zero_stage 3 train.py`: ZeRO-2 ran
+        value = os.environ.get(env, "none").lower()
+        if value != "none":
+            fail(
+                f"accelerate launch's {flag} {value} does not reach train.py (one DeepSpeed JSON and train.py's flags "
+                f"set DeepSpeed): {f'pass train.py {ours} {value}' if ours else ours_in_json(flag, value)}"
+            )
     launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # an accelerate config's deepspeed_config_file
     name = "--deepspeed_config"
     if not args.deepspeed_config and launcher and launcher.lower() != "none":

@@ -215,6 +215,21 @@ def test_the_launchers_fp8_is_refused_in_one_line(tmp_path, monkeypatch):
     assert train.parse_args([*TINY, "--mixed_precision", "no"]).mixed_precision == "no"
 
 
+def test_the_launchers_deepspeed_flags_are_refused_in_one_line(tmp_path, monkeypatch):
+    """`accelerate launch --use_deepspeed --zero_stage 3 train.py` (or --gradient_clipping, --offload_*_device, ...
+    given to the launcher) ran ZeRO-2 from ds_config.json without a word: refused in one line before any work, naming
+    train.py's own flag or the JSON's field."""
+    out = str(tmp_path / "out")
+    p = launch([*TINY, "--output_dir", out], check=False, launcher=["--use_deepspeed", "--zero_stage", "3"])
+    said = error_lines(p)
+    assert p.returncode != 0 and len(said) == 1 and "pass train.py --zero_stage 3" in said[0], p.stderr[-2000:]
+    assert not os.path.exists(out)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")  # what --offload_optimizer_device sets
+    with pytest.raises(SystemExit) as e:
+        train.main([*TINY, "--output_dir", out])
+    assert '"offload_optimizer": {"device": "cpu"}' in str(e.value.code), e.value.code
+
+
 def test_previous_run_or_model_is_not_overwritten_without_the_flag(previous_run, tmp_path):
     before = snapshot(previous_run)
     with pytest.raises(SystemExit) as e:
