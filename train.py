@@ -377,6 +377,9 @@ DS_FIELDS_IGNORED = (
     "mixed_precision",
 )
 
+# a DeepSpeed JSON's precision sections ("bfloat16": its other name for bf16) and the --mixed_precision each means
+DS_PRECISIONS = {"fp16": "fp16", "bf16": "bf16", "bfloat16": "bf16"}
+
 LAUNCHER_DS_FLAGS = {  # what `accelerate launch`'s own DeepSpeed flags pass on (Accelerate's launch.py), and ours
     "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("--zero_stage", "--zero_stage"),
     "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("--gradient_accumulation_steps", "--gradient_accumulation_steps"),
@@ -444,11 +447,10 @@ def check_deepspeed_config(args):
     ):
         if ds.get(key, "auto") != "auto":
             fail(f"{name}: '{key}' must be \"auto\" (set it with train.py's flags)")
-    for key in ("fp16", "bf16", "bfloat16"):  # ("bfloat16": DeepSpeed's other name for bf16)
+    for key, precision in DS_PRECISIONS.items():  # (a JSON's bf16 ran bf16 under a run that said precision no)
         section = ds.get(key, {})
         enabled = section.get("enabled", "auto") if isinstance(section, dict) else section
-        wanted = args.mixed_precision == ("bf16" if key == "bfloat16" else key)
-        if enabled != "auto" and enabled is not wanted:  # (a JSON's bf16 ran bf16 under a run that said precision no)
+        if enabled != "auto" and enabled is not (args.mixed_precision == precision):
             fail(
                 f"{name}: '{key}.enabled' is {json.dumps(enabled)} while --mixed_precision is {args.mixed_precision}: "
                 "set it to \"auto\" (train.py's --mixed_precision, or accelerate launch's, decides the precision)"
@@ -481,9 +483,9 @@ def deepspeed_refuses(ds, args):
     filled = json.loads(json.dumps(ds))  # a copy: Accelerate fills the real one
     gas = args.gradient_accumulation_steps
     filled |= {"gradient_accumulation_steps": gas, "train_batch_size": args.per_device_train_batch_size * gas}
-    for key in ("fp16", "bf16", "bfloat16"):
+    for key, precision in DS_PRECISIONS.items():
         if isinstance(filled.get(key), dict) and filled[key].get("enabled") == "auto":
-            filled[key]["enabled"] = args.mixed_precision == ("bf16" if key == "bfloat16" else key)
+            filled[key]["enabled"] = args.mixed_precision == precision
     zero = filled["zero_optimization"]
     zero |= {k: 1 for k, v in zero.items() if v == "auto"}  # bucket sizes: Accelerate's come from the model's width
     try:
