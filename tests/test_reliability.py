@@ -62,6 +62,14 @@ BAD = [
         "is not in the format of --train_file",
     ),
     (lambda t: ["--no_keep_linebreaks", "--train_file", write(t, "c.csv", "text\nx\n")], "--no_keep_linebreaks"),
+    (  # (the dataset alone trained: the file was ignored)
+        lambda t: ["--dataset_name", str(t), "--train_file", write(t, "d.txt", "x\n")],
+        "give one of them, not both",
+    ),
+    (
+        lambda t: ["--dataset_config_name", "wikitext-2-raw-v1"],
+        "--dataset_config_name 'wikitext-2-raw-v1' needs --dataset_name",
+    ),
     (lambda t: ["--controller", "magic"], "--controller"),
     (lambda t: ["--optimizer", "sgd"], "--optimizer"),
     (lambda t: ["--min_lr", "1e-2", "--max_lr", "1e-1"], "--min_lr"),
@@ -254,7 +262,7 @@ LATE = [
     (
         "blank lines only",
         lambda t: ["--train_file", write(t, "blank.txt", "\n \n\n  \n" * 50)],
-        "fewer than --block_size",
+        "the train data holds no text: every 'text' is blank",
     ),
     (
         "no text column",
@@ -280,6 +288,16 @@ LATE = [
         "one JSON object holding the texts",  # (it said "1 texts: too few to hold out")
         lambda t: ["--train_file", write(t, "one.json", '{"data": [{"text": "a"}, {"text": "b"}]}')],
         "--text_column 'text' is not a column of the train data (it has data)",
+    ),
+    (
+        "a validation file of blank lines",  # (grouping raised: a split of blank texts has no ids column)
+        lambda t: [
+            "--train_file",
+            write(t, "t.txt", "to be or not\n" * 300),
+            "--validation_file",
+            write(t, "v.txt", "\n \n\n"),
+        ],
+        "the validation data holds no text: every 'text' is blank",
     ),
     (
         "too few texts to split",
