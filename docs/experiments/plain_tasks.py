@@ -7,12 +7,13 @@ dimensions, a wider network, Adam: the validation loss falls to about 0.02, then
 added after the controller's constants were set, as a check on loops it was not tuned on: cnn, linreg, relu_reg, ae
 (`fresh()`). The data are fixed; the seed sets the initialisation.
 
-    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|constant|wsd]
+    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|cosine0|constant|wsd]
     python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
 
-The schedule: 3% warmup + cosine (default), a constant lr (no warmup, no decay), or wsd (a constant lr, then a linear
-decay to 0 over the last 20%: the cooldown rl adds to a flat schedule, done by the loop). One JSON per run in OUT_DIR
-(final validation loss, tokens spent / budget); runs already there are skipped.
+The schedule: 3% warmup + cosine (default), cosine0 (the cosine without a warmup), a constant lr (no warmup, no
+decay), or wsd (a constant lr, then a linear decay to 0 over the last 20%: the cooldown rl adds to a flat schedule, done
+by the loop). One JSON per run in OUT_DIR (final validation loss, tokens spent / budget); runs already there are
+skipped.
 Not used by train.py or the tests.
 """
 
@@ -236,6 +237,8 @@ def schedule_fn(kind, steps):
         return lambda frac: 1.0
     if kind == "wsd":
         return lambda frac: min(1.0, (1 - frac) / 0.2)
+    if kind == "cosine0":  # a cosine without warmup (torch's CosineAnnealingLR alone)
+        return lambda frac: 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return lambda frac: (
         min(1.0, (steps * frac + 1) / (steps * 0.03 + 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     )
@@ -263,8 +266,8 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
     schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
-    if schedule not in ("cosine", "constant", "wsd"):
-        sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, constant or wsd, got {schedule!r}")
+    if schedule not in ("cosine", "cosine0", "constant", "wsd"):
+        sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, cosine0, constant or wsd, got {schedule!r}")
     os.makedirs(out, exist_ok=True)
     for lr in map(float, lrs.split(",")):
         for s in map(int, seeds.split(",")):
