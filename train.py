@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import datetime
 import glob
+import hashlib
 import inspect
 import json
 import math
@@ -970,6 +971,7 @@ class TrainState:
     train_time: float = 0.0
     nonfinite_steps: int = 0
     rollbacks: int = 0
+    data: dict = dataclasses.field(default_factory=dict)  # the blocks trained and decided on, in brief (data_digest)
 
     @property
     def end(self):
@@ -1766,6 +1768,17 @@ def build_dataloaders(args, tokenizer, accelerator):
     return train_dl, DataLoader(eval_ds, batch_size=args.per_device_eval_batch_size)
 
 
+def data_digest(train_ds, eval_ds):
+    """The training and validation blocks, in brief: their number and a hash of up to 256 of each, evenly spaced. A
+    resume on other data (a file edited or grown since) would go on from a data position that means nothing there."""
+    out = {}
+    for name, ds in (("train", train_ds), ("validation", eval_ds)):
+        idx = np.linspace(0, len(ds) - 1, min(len(ds), 256)).round().astype(int).tolist()
+        ids = np.asarray(ds.with_format("numpy")[idx]["input_ids"], dtype=np.int64)
+        out[name] = f"{len(ds)} blocks, sha1 {hashlib.sha1(ids.tobytes()).hexdigest()[:12]}"
+    return out
+
+
 def make_controller(args, lr, budget_tokens, tokens_per_step=None):
     lo, hi = args.min_gradient_accumulation_steps, args.max_gradient_accumulation_steps
     return ctl.Controller(
@@ -2023,6 +2036,14 @@ def main(argv=None):
     # model, data, optimizer: built, prepared and checked (one forward) before anything on disk changes
     model, tokenizer = build_model_and_tokenizer(args)
     train_dl, eval_dl = build_dataloaders(args, tokenizer, accelerator)
+    digest = data_digest(train_dl.dataset, eval_dl.dataset)
+    was = saved["train"].get("data", digest) if saved else digest  # (a checkpoint from before the digest: not checked)
+    if was != digest:
+        fail(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint!r} was saved on other data: "
+            + ", ".join(f"{k} {was.get(k)}, now {v}" for k, v in digest.items() if was.get(k) != v)
+            + "; resume on the same data, or fine-tune a saved model on the new data (--model_name_or_path)"
+        )
     optimizer = build_optimizer(args, model)
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     check_first_forward(args, accelerator, model, eval_dl)
@@ -2034,6 +2055,7 @@ def main(argv=None):
     steps = args.max_train_steps or args.num_train_epochs * len(train_dl) // gas
     budget = steps * gas * micro_tokens
     state = TrainState(budget, args.search_in_budget, args.search_budget, gas, args.learning_rate, run_signature(args))
+    state.data = digest
     slots = Slots(accelerator, model, os.path.join(args.output_dir, "controller_slots"), args.controller_slots, state)
     data = DataStream(accelerator, train_dl, state)
     if args.lr_find_steps and not saved:  # the controller then starts from the suggested lr

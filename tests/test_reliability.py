@@ -444,6 +444,20 @@ def test_incompatible_resume_is_refused(checkpointed, tmp_path):
         assert "incompatible run" in str(e.value.code) and expected in str(e.value.code), e.value.code
 
 
+def test_a_resume_on_other_data_is_refused_in_one_line(tmp_path):
+    """A training file grown since the checkpoint: the data position means nothing there (the resumed run went on
+    without a word). Refused before anything on disk changes."""
+    text = "to be or not to be, that is the question\n" * 300
+    data = write(tmp_path, "t.txt", text)
+    out = str(tmp_path / "out")
+    launch(TINY + ["--train_file", data, "--output_dir", out, "--checkpointing_steps", "8"])
+    write(tmp_path, "t.txt", text + "whether 'tis nobler in the mind to suffer\n" * 100)
+    before = snapshot(out)
+    resume = TINY + ["--train_file", data, "--output_dir", out, "--resume_from_checkpoint", "latest"]
+    one_line_failure(launch(resume, check=False), "was saved on other data: train ")
+    assert snapshot(out) == before
+
+
 DAMAGE = {
     "emptied train_state.json": ("train_state.json", lambda p: open(p, "w").close(), "not a valid train_state.json"),
     "deleted model file": ("pytorch_model/mp_rank_00_model_states.pt", os.remove, "missing"),
