@@ -666,6 +666,8 @@ def load_raw_datasets(args):
     if "validation" not in raw:
         pct = args.validation_split_percentage
         if len(raw["train"]) * pct // 100 < 1:
+            if not any(t and t.strip() for t in raw["train"][col]):  # (a few texts: read once)
+                fail(f"the train data holds no text: every {col!r} is blank")
             fail(
                 f"the training data has {len(raw['train'])} texts: too few to hold out "
                 f"--validation_split_percentage={pct}; give --validation_file or more text"

@@ -290,6 +290,11 @@ LATE = [
         "--text_column 'text' is not a column of the train data (it has data)",
     ),
     (
+        "a few blank lines",  # (it said "the training data has 3 texts: too few to hold out")
+        lambda t: ["--train_file", write(t, "few-blank.txt", "\n \n\n")],
+        "the train data holds no text: every 'text' is blank",
+    ),
+    (
         "a validation file of blank lines",  # (grouping raised: a split of blank texts has no ids column)
         lambda t: [
             "--train_file",
