@@ -666,7 +666,7 @@ def load_raw_datasets(args):
     if "validation" not in raw:
         pct = args.validation_split_percentage
         if len(raw["train"]) * pct // 100 < 1:
-            if not any(t and t.strip() for t in raw["train"][col]):  # (a few texts: read once)
+            if not any(t and t.strip() for t in raw["train"][col]):  # (one pass, over a few texts)
                 fail(f"the train data holds no text: every {col!r} is blank")
             fail(
                 f"the training data has {len(raw['train'])} texts: too few to hold out "
@@ -2056,8 +2056,8 @@ def main(argv=None):
     micro_tokens = args.per_device_train_batch_size * args.block_size * accelerator.num_processes  # all ranks
     steps = args.max_train_steps or args.num_train_epochs * len(train_dl) // gas
     budget = steps * gas * micro_tokens
-    state = TrainState(budget, args.search_in_budget, args.search_budget, gas, args.learning_rate, run_signature(args))
-    state.data = digest
+    sig = run_signature(args)
+    state = TrainState(budget, args.search_in_budget, args.search_budget, gas, args.learning_rate, sig, data=digest)
     slots = Slots(accelerator, model, os.path.join(args.output_dir, "controller_slots"), args.controller_slots, state)
     data = DataStream(accelerator, train_dl, state)
     if args.lr_find_steps and not saved:  # the controller then starts from the suggested lr
