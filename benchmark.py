@@ -620,6 +620,8 @@ def parse_args():
             "4",
             "--controller_interval",
             "4",
+            "--controller_trial_steps",
+            "4",
             "--max_eval_batches",
             "2",
             "--num_warmup_steps",

@@ -213,8 +213,10 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      first's weights go on at its lr. A clear reading (h > LOW_H) keeps the rule: a start well above the best lr
 #      can win the comparison and blow up later (an autoencoder from 3x its best lr: its trial's cooled loss 4x the
 #      start's).
-#      The first segment and the trial are sized so that one trial and its two cooldowns fit the search budget (at
-#      most the interval, at least MIN_TRIAL steps). In a run too short for that (under 90 steps at 10%) a suspicion
+#      The first segment and the trial last TRIAL_STEPS whatever the loop's interval (shorter trials pick too-high
+#      lrs; at an interval of 10 the default task's first reading, over steps 6-10, said too low at its best lr and
+#      the climb went to 3 lr\*: +18% against `off`), shortened until one trial and its two cooldowns fit the search
+#      budget (at least MIN_TRIAL steps). In a run too short for that (under 90 steps at 10%) a suspicion
 #      cannot be settled, so only a first segment that blew up (its eval loss above BLOWUP x the initial one, which
 #      the loop then passes to start(); at 60 steps no good start of ten plain loops went above 1.28x) restarts a
 #      decade lower from the initial weights, uncompared, if the search budget holds the discarded segment;
@@ -222,9 +224,9 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      by UP_GAIN * |h| decades, at most FIRST_UP_MAX after the first reading (which reads "too low" even at the
 #      best lr on some tasks) and UP_MAX after later ones, with the weights from before the move kept as slot "best"
-#      for the safety net; nothing is discarded. A climb's segments are as long as the first segment (shorter than
-#      the interval in a short run, whose first segment and trial are shortened to fit the search budget: a climb of
-#      1.5 decades takes four readings, which at the interval's length took 45% of a 200-step run);
+#      for the safety net; nothing is discarded. A climb's segments are as long as the first segment (shorter in a
+#      short run, whose first segment and trial are shortened to fit the search budget: a climb of 1.5 decades takes
+#      four readings, which at 20 steps took 45% of a 200-step run);
 #   3. when h no longer says too low right after a move up, one more PAST_STEP decades up (the greedy measure
 #      favours lower lrs than the best constant lr once the early plateau is over, so the point where h turns is
 #      below it), the weights from before it kept as slot "best"; commit at the next segment that does not read
@@ -233,6 +235,7 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      the transformer and pydocs under a constant lr). A start that never moved up commits at once. Every
 #      discarded token comes out of the search budget.
 TRIAL_DOWN = 1.0
+TRIAL_STEPS = 20  # Controller(trial_steps=): the search's segments (the first, a trial, the climb's), in steps
 BOTH_HIGH_TIE = 0.01
 MIN_TRIAL = 5
 LOW_H = 0.015
@@ -253,7 +256,7 @@ FINAL_COOL = 0.2
 FALLING = 0.5
 # without gradient statistics: trials of an lr from one saved point, on identical batches, each ended by a short
 # cooldown and compared by the cooled eval loss (a cooldown removes the noise a too-high lr hides behind)
-COOL_FRAC = 0.4  # a cooldown's length, as a share of the interval (at least 2 steps)
+COOL_FRAC = 0.4  # a cooldown's length, as a share of the trial's (at least 2 steps)
 MOVES = (1.0, 0.5, 0.25)  # the trial search's step sizes in decades of lr, coarse to fine
 SEARCH_ETA = 0.5  # learning rate of the trial search's direction preferences (REINFORCE)
 # plateau (torch's ReduceLROnPlateau defaults, but patience 2)
@@ -733,7 +736,9 @@ class Controller:
     policy: a key of POLICIES. lr: the loop's base lr; lr_bounds: (min_lr, max_lr) in the same units.
     grad_accum: starting accumulation; grad_accum_bounds: (lo, hi). budget_tokens: the run's token
     budget (the tokens its final weights will have seen); interval: the loop's optimizer steps between
-    two decisions; search_budget: the share of budget_tokens the rl search may discard.
+    two decisions; trial_steps: the length of rl's search segments (the first, each trial, each move of the climb),
+    whatever the interval, shortened in a short run (Decision.steps tells the loop); search_budget: the share of
+    budget_tokens the rl search may discard.
     patience: stop after this many decisions without a new best eval loss (None: never).
     tokens_per_step: the tokens of one optimizer step at the starting batch, if known before the first segment
     (then a short run's first segment and trials are shortened until one trial fits the search budget).
@@ -756,6 +761,7 @@ class Controller:
         patience=None,
         tokens_per_step=None,
         search_in_budget=False,
+        trial_steps=TRIAL_STEPS,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -771,6 +777,8 @@ class Controller:
         for name, v in [("interval", interval), ("budget_tokens", budget_tokens), ("tokens_per_step", tokens_per_step)]:
             if v is not None and not v > 0:
                 raise ValueError(f"{name} must be positive, got {v}")
+        if not (trial_steps >= 1 and int(trial_steps) == trial_steps):
+            raise ValueError(f"trial_steps must be a whole number of optimizer steps >= 1, got {trial_steps}")
         if patience is not None and not patience >= 1:
             raise ValueError(f"patience must be at least 1 decision (or None: never stop), got {patience}")
         self.policy_name, self.policy = policy, POLICIES[policy]()
@@ -782,7 +790,7 @@ class Controller:
         self.budget_tokens, self.search_budget = budget_tokens, search_budget
         self.search_in_budget = search_in_budget  # discarded tokens come off the history's end (history_budget)
         # a trial's length (the first segment's too: they are compared) and a cooldown's
-        self.trial_steps, limit = interval, math.inf
+        self.trial_steps, limit = int(trial_steps), math.inf
         if budget_tokens and tokens_per_step:
             limit = search_budget * budget_tokens / tokens_per_step  # steps the search may discard
         while self.trial_steps > MIN_TRIAL and self.trial_steps + 2 * cooldown_steps(self.trial_steps) > limit:

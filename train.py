@@ -172,6 +172,13 @@ def parse_args(argv=None):
     a = p.add_argument_group("the controller (controller.py)").add_argument
     a("--controller", default="rl", choices=list(ctl.POLICIES), help="rl (learned), seed, plateau, off.")
     a("--controller_interval", type=int, default=20, help="Optimizer steps between two controller decisions.")
+    a(
+        "--controller_trial_steps",
+        type=int,
+        default=ctl.TRIAL_STEPS,
+        help="Optimizer steps of each segment of rl's search (the first, a trial, a move of the climb), whatever "
+        "--controller_interval; fewer in a short run. Shorter trials favour too-high lrs.",
+    )
     a("--controller_seed", type=int, default=0, help="Seed of the controller's exploration.")
     a("--search_budget", type=float, default=ctl.SEARCH_BUDGET, help="Share of the budget rl may discard on trials.")
     a("--search_in_budget", action="store_true", help="Count discarded tokens in the budget (default: on top).")
@@ -228,6 +235,7 @@ POSITIVE = [
     "eval_steps",
     "max_eval_batches",
     "controller_interval",
+    "controller_trial_steps",
     "max_nonfinite_steps",
 ]
 POSITIVE_OR_NONE = ["save_total_limit", "controller_patience", "preprocessing_num_workers"]
@@ -535,6 +543,7 @@ def check_output_dir(args):
         )
     if args.resume_from_checkpoint:
         saved = read_train_state(args.resume_from_checkpoint)["train"]["signature"]
+        saved = {"controller_trial_steps": saved.get("controller_interval")} | saved  # (before the flag: the interval)
         now = run_signature(args)
         diff = sorted(k for k, v in now.items() if saved.get(k) != v)
         if diff:
@@ -581,6 +590,7 @@ SIGNATURE = [
     "seed",
     "controller",
     "controller_interval",
+    "controller_trial_steps",
     "controller_seed",
     "search_budget",
     "search_in_budget",
@@ -1791,6 +1801,7 @@ def make_controller(args, lr, budget_tokens, tokens_per_step=None):
         grad_accum_bounds=(lo, hi),
         budget_tokens=budget_tokens,
         interval=args.controller_interval,
+        trial_steps=args.controller_trial_steps,
         search_budget=args.search_budget,
         seed=args.controller_seed,
         patience=args.controller_patience,
@@ -1799,14 +1810,15 @@ def make_controller(args, lr, budget_tokens, tokens_per_step=None):
     )
 
 
-def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens):
+def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens, controller):
     """The batch arithmetic, once: micro batch x processes x accumulation = effective batch."""
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in accelerator.unwrap_model(model).parameters())  # ZeRO-3
     world, gas, micro = accelerator.num_processes, state.grad_accum, args.per_device_train_batch_size
     policy = f"Controller {args.controller} every {args.controller_interval} steps"
     if args.controller == "rl":  # the only policy that saves rollback slots (the others' safety net has none to load)
         search = f"{args.search_budget:.0%} of the budget {'inside it' if args.search_in_budget else 'on top'}"
-        policy += f"; its search may discard {search}; rollback slots: {slots.describe()}"
+        policy += f" (its search: {controller.trial_steps}-step segments) and may discard {search}; "
+        policy += f"rollback slots: {slots.describe()}"
     elif args.controller == "off":
         policy = "Controller off: the lr follows the schedule alone"
     recompute = ", activation checkpointing" if accelerator.unwrap_model(model).is_activation_checkpointing else ""
@@ -2071,7 +2083,7 @@ def main(argv=None):
         # after a resume TensorBoard hides the interrupted run's events past the checkpoint
         purge = {"tensorboard": {"purge_step": state.step + 1}} if saved else {}
         accelerator.init_trackers("train", config=config, init_kwargs=purge)
-    print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens)
+    print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micro_tokens, controller)
 
     # train: the controller's start (rl's search saves the initial weights), the loop, the final evaluation
     model.train()

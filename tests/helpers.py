@@ -19,6 +19,8 @@ TINY = [
     "4",
     "--controller_interval",
     "4",
+    "--controller_trial_steps",  # the rl search's segments (20 by default): 4 here, so that a trial fits in 16 steps
+    "4",
     "--max_eval_batches",
     "2",
     "--num_warmup_steps",

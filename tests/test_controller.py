@@ -120,6 +120,7 @@ def rl(budget_steps=400, search_budget=0.1, lo=1e-6, hi=1.0, tokens_per_step=Non
         search_budget=search_budget,
         seed=0,
         tokens_per_step=tokens_per_step,
+        trial_steps=INTERVAL,  # the scripts below are written in segments of INTERVAL steps, the search's included
     )
 
 
@@ -431,6 +432,30 @@ def test_a_short_run_shortens_the_trial_to_fit_the_search_budget():
     assert not rl(budget_steps=100).trial_steps < INTERVAL  # not known at the start: the interval
 
 
+@pytest.mark.parametrize("interval", [5, 10, 40])
+def test_the_search_runs_in_segments_of_trial_steps_whatever_the_interval(interval):
+    """A loop that decides every 5, 10 or 40 steps gets the search of one that decides every 20 (the first segment,
+    the climb's segments, the cooldowns, the same decisions); only the online phase's decisions come every interval."""
+
+    def run_at(every):
+        c = ctl.Controller("rl", 1e-3, (1e-6, 1.0), 1, (1, 4), budget_tokens=400 * TPS, interval=every, seed=0)
+        d, spent, log = c.start(6.0), 0, []
+        for loss, h in [(4.5, -0.05), (4.0, -0.03), (3.8, 0.01), (3.7, 0.0), (3.6, 0.0), (3.5, 0.0)]:
+            n = d.steps or every
+            log.append((d.action, d.phase, n, d.lr_scale))
+            spent += n * TPS
+            d = c.step(
+                ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens, hypergradient=h)
+            )
+        return log
+
+    ref, got = run_at(ctl.TRIAL_STEPS), run_at(interval)
+    assert [a[:4] for a, *_ in ref] == ["star", "up_x", "up_x", "past", "comm", "keep"]  # a climb, a step past
+    assert got[:4] == ref[:4] and all(n == ctl.TRIAL_STEPS for _, _, n, _ in got[:4])  # the search: 20-step segments
+    assert [x[:2] + x[3:] for x in got] == [x[:2] + x[3:] for x in ref]  # the same decisions
+    assert [n for _, _, n, _ in got[4:]] == [interval, interval]  # from the commit on: the loop's interval
+
+
 def test_a_short_run_climbs_in_segments_as_short_as_its_first():
     """The same short run from a too-low lr: each move up and the step past it run for the first segment's length,
     not the interval (a climb of four readings took 45% of a 200-step fine-tuning run at the interval's length); the
@@ -651,6 +676,8 @@ BAD_ARGUMENTS = [
     ({"grad_accum": 0, "grad_accum_bounds": (0, 4)}, "grad_accum"),
     ({"grad_accum": 8}, "grad_accum_bounds"),
     ({"interval": 0}, "interval"),
+    ({"trial_steps": 0}, "trial_steps"),
+    ({"trial_steps": 2.5}, "trial_steps"),
     ({"search_budget": 1.5}, "search_budget"),
     ({"search_budget": math.nan}, "search_budget"),
     ({"budget_tokens": -1}, "budget_tokens"),

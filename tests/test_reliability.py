@@ -78,6 +78,7 @@ BAD = [
     (lambda t: ["--min_gradient_accumulation_steps", "4", "--max_gradient_accumulation_steps", "2"], "accumulation"),
     (lambda t: ["--gradient_accumulation_steps", "8", "--max_gradient_accumulation_steps", "4"], "accumulation"),
     (lambda t: ["--controller_interval", "0"], "--controller_interval"),
+    (lambda t: ["--controller_trial_steps", "0"], "--controller_trial_steps"),
     (lambda t: ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
     (lambda t: ["--block_size", "1"], "--block_size must be at least 2 tokens"),
     (lambda t: ["--with_tracking", "--report_to", "foo"], "--report_to 'foo' is not a tracker: one of all, "),
@@ -443,10 +444,21 @@ def test_incompatible_resume_is_refused(checkpointed, tmp_path):
         (["--block_size", "64"], "block_size was 32, now 64"),
         (["--validation_split_percentage", "20"], "validation_split_percentage was 5, now 20"),  # the train split
         (["--max_eval_batches", "4"], "max_eval_batches was 2, now 4"),  # the eval loss the controller reads
+        (["--controller_trial_steps", "5"], "controller_trial_steps was 4, now 5"),
     ]:
         with pytest.raises(SystemExit) as e:
             train.main(base + extra)
         assert "incompatible run" in str(e.value.code) and expected in str(e.value.code), e.value.code
+    # a checkpoint from before --controller_trial_steps: its search ran in segments of its interval
+    state = os.path.join(out, "step_8", "train_state.json")
+    with open(state) as f:
+        saved = json.load(f)
+    del saved["train"]["signature"]["controller_trial_steps"]
+    with open(state, "w") as f:
+        json.dump(saved, f)
+    with pytest.raises(SystemExit) as e:
+        train.main(base + ["--controller_trial_steps", "5"])
+    assert "controller_trial_steps was 4, now 5" in str(e.value.code)  # (the interval's 4, not None)
 
 
 def test_a_resume_on_other_data_is_refused_in_one_line(tmp_path):
