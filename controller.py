@@ -215,7 +215,7 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      start's).
 #      The first segment and the trial last TRIAL_STEPS whatever the loop's interval (shorter trials pick too-high
 #      lrs; at an interval of 10 the default task's first reading, over steps 6-10, said too low at its best lr and
-#      the climb went to 3 lr\*: +18% against `off`), shortened until one trial and its two cooldowns fit the search
+#      the climb went to 3 lr*: +18% against `off`), shortened until one trial and its two cooldowns fit the search
 #      budget (at least MIN_TRIAL steps). In a run too short for that (under 90 steps at 10%) a suspicion
 #      cannot be settled, so only a first segment that blew up (its eval loss above BLOWUP x the initial one, which
 #      the loop then passes to start(); at 60 steps no good start of ten plain loops went above 1.28x) restarts a
