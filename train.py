@@ -982,6 +982,7 @@ class TrainState:
     loss_steps: int = 0
     train_time: float = 0.0
     nonfinite_steps: int = 0
+    loss_scale_skips: int = 0  # fp16: steps whose update the dynamic loss scaler skipped (not faults)
     rollbacks: int = 0
     data: dict = dataclasses.field(default_factory=dict)  # the blocks trained and decided on, in brief (data_digest)
 
@@ -1438,7 +1439,8 @@ def say(accelerator, msg):
 
 def optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_tokens):
     """One optimizer step on every rank: the lr, `gas` micro-batches forward and backward (DeepSpeed clips and
-    updates after the last one), and the collective non-finite verdict. Returns (mean loss, nonfinite)."""
+    updates after the last one), and the collective non-finite verdict. Returns (mean loss, nonfinite, rescaled):
+    rescaled when fp16's loss scaler skipped the update (no fault, but no update either)."""
     if model.gradient_accumulation_steps() != gas:  # the controller changed it, or the last step is trimmed
         set_grad_accum(accelerator, model, gas)
     for g in optimizer.param_groups:
@@ -1466,7 +1468,7 @@ def optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_to
     state.tokens_spent += gas * micro_tokens
     state.model_tokens += gas * micro_tokens
     state.weights_id = state.step
-    return step_loss, nonfinite
+    return step_loss, nonfinite, scaler and not nonfinite
 
 
 @torch.no_grad()
@@ -1578,7 +1580,7 @@ def lr_range_test(args, accelerator, model, optimizer, data, state, slots, micro
     lrs, losses = [], []
     for i in range(args.lr_find_steps):
         lr = lo * (hi / lo) ** (i / (args.lr_find_steps - 1))
-        loss, _ = optimizer_step(accelerator, model, optimizer, data, lr, state.grad_accum, state, micro_tokens)
+        loss, *_ = optimizer_step(accelerator, model, optimizer, data, lr, state.grad_accum, state, micro_tokens)
         lrs.append(lr)
         losses.append(accelerator.reduce(torch.tensor(loss, device=accelerator.device), reduction="mean").item())
     slots.load("init")
@@ -1619,10 +1621,15 @@ def train(args, accelerator, model, optimizer, eval_dl, data, controller, state,
         # ---- forward/backward over the micro-batches, the update, the non-finite verdict
         gas = min(state.grad_accum, math.ceil((state.end - state.model_tokens) / micro_tokens))  # last step: to the end
         t_step = time.time()
-        step_loss, nonfinite = optimizer_step(accelerator, model, optimizer, data, lr, gas, state, micro_tokens)
+        step_loss, nonfinite, rescaled = optimizer_step(
+            accelerator, model, optimizer, data, lr, gas, state, micro_tokens
+        )
         dt = time.time() - t_step
         state.train_time += dt
-        state.segment_done += 1
+        # a segment is N updates: a step fp16's loss scaler skipped made none (a loss spike overflows several in a
+        # row, and a segment that ended there would be read on the spike's weights, not on what its lr did)
+        state.loss_scale_skips += rescaled
+        state.segment_done += not rescaled
         consecutive_bad = consecutive_bad + 1 if nonfinite else 0
         if nonfinite:  # the update was skipped on every rank; keep the step out of the averages
             state.nonfinite_steps += 1
@@ -1968,6 +1975,7 @@ def finish(args, accelerator, model, tokenizer, state, final, wall):
             "peak_memory_mb": peak_memory_mb(),
             "bytes_written": bytes_written(),
             "nonfinite_steps": state.nonfinite_steps,
+            "loss_scale_skips": state.loss_scale_skips,
             "rollbacks": state.rollbacks,
             "controller": args.controller,
             "learning_rate": state.learning_rate,

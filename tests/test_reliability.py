@@ -664,7 +664,10 @@ def test_fp16_loss_scale_overflows_are_not_faults(tmp_path, controller):
     """DeepSpeed's fp16 path run for real on the CPU (tests/fp16_cpu_run.py), its dynamic loss scale started at 2^24
     so that the first steps overflow: DeepSpeed skips them and lowers the scale, which is routine; train.py counts none
     as a non-finite step: `off` does not stop, `rl` does not roll back. (Both fail on the train.py before the fix:
-    there `off` stopped at step 3, "3 consecutive non-finite steps".)"""
+    there `off` stopped at step 3, "3 consecutive non-finite steps".) Nor does a skipped step count as one of a
+    segment's updates: rl's first decision comes after 4 updates (its segment), not 4 steps (on a GPU a loss spike
+    that overflowed 5 steps in a row had put the default run's first reading on the spike's weights: it went up 3x and
+    ended 16% above `off`)."""
     with open(os.path.join(ROOT, "ds_config.json")) as f:
         ds = json.load(f)
     ds["fp16"] = {"enabled": "auto", "initial_scale_power": 24}
@@ -675,6 +678,10 @@ def test_fp16_loss_scale_overflows_are_not_faults(tmp_path, controller):
     skipped = [int(line.split()[-1]) for line in p.stdout.splitlines() if line.startswith("[fp16] skipped_steps")]
     res = results(out)
     assert skipped[-1] >= 3 and res["nonfinite_steps"] == 0 and res["rollbacks"] == 0, (skipped, res)
+    assert res["loss_scale_skips"] == skipped[-1], (skipped, res)
+    if controller == "rl":
+        first = next(r["step"] for r in rows(out) if r.get("controller/action"))
+        assert skipped[first - 1] >= 3 and first - skipped[first - 1] == 4, (first, skipped)
     assert_finite_model(out)
 
 

