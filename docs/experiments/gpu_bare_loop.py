@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, ByT5Tokenizer, GPT2Config
 
 steps, batch, block = int(sys.argv[1]), 16, 1024
 torch.manual_seed(0)
-eos = ByT5Tokenizer().eos_token_id
+tok = ByT5Tokenizer()
 config = GPT2Config(
     n_embd=768,
     n_layer=12,
@@ -24,9 +24,9 @@ config = GPT2Config(
     resid_pdrop=0.0,
     embd_pdrop=0.0,
     attn_pdrop=0.0,
-    vocab_size=len(ByT5Tokenizer()),
-    bos_token_id=eos,
-    eos_token_id=eos,
+    vocab_size=len(tok),
+    bos_token_id=tok.eos_token_id,
+    eos_token_id=tok.eos_token_id,
 )
 model = AutoModelForCausalLM.from_config(config).cuda()
 opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.0)
