@@ -517,6 +517,14 @@ def deepspeed_refuses(ds, args):
     return None
 
 
+def existing_parent(path):
+    """The path itself, absolute, or its nearest parent that exists."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
 def check_output_dir(args):
     """A directory we may write to, that holds no previous run unless asked; the checkpoint to resume from."""
     out = args.output_dir
@@ -524,9 +532,7 @@ def check_output_dir(args):
         fail(f"--output_dir {out!r} names no directory: give a path (default: out)")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--output_dir {out!r} is a file, not a directory")
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = existing_parent(out)
     try:  # os.access says yes to root everywhere: try it (the file is gone when closed)
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
@@ -1773,6 +1779,34 @@ def make_accelerator(args, ds_config):
     return accelerator
 
 
+def check_shared_output_dir(args, accelerator):
+    """Several nodes write one checkpoint into --output_dir (each rank its shard; rank 0 completes it): every rank
+    must see what rank 0 writes there. A file rank 0 writes in it (or its nearest existing parent), looked for by
+    every rank at the same path from its own --output_dir, then removed. One node: nothing to check."""
+    if int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)) >= accelerator.num_processes:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    out = os.path.abspath(args.output_dir)
+    rel = [None]
+    if accelerator.is_main_process:
+        fd, marker = tempfile.mkstemp(prefix=".shared_check_", dir=existing_parent(out))
+        os.close(fd)
+        rel[0] = os.path.relpath(marker, out)
+    broadcast_object_list(rel)
+    where = os.path.normpath(os.path.join(out, rel[0]))  # rank 0's file, seen from this rank's --output_dir
+    seen = gather_object([os.path.exists(where)])  # (a collective: every rank has looked once it returns)
+    if accelerator.is_main_process:
+        os.remove(where)
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:  # every rank knows: all stop here together
+        fail(
+            f"--output_dir {args.output_dir!r} is not on storage every node shares: rank(s) "
+            f"{', '.join(map(str, blind))} do not see the file rank 0 wrote in {os.path.dirname(where)!r} "
+            "(each rank writes its shard of a checkpoint there); give a path on a file system all nodes mount"
+        )
+
+
 def build_dataloaders(args, tokenizer, accelerator):
     """Shuffled training blocks (whole batches only) and the validation blocks in order."""
     from torch.utils.data import DataLoader
@@ -2054,6 +2088,7 @@ def main(argv=None):
         mode = args.controller_slots
         check_slot_form(args.resume_from_checkpoint, saved["slots"], mode, mode != "disk", mode)
     accelerator = make_accelerator(args, ds_config)
+    check_shared_output_dir(args, accelerator)
 
     # model, data, optimizer: built, prepared and checked (one forward) before anything on disk changes
     model, tokenizer = build_model_and_tokenizer(args)

@@ -497,28 +497,61 @@ def test_accumulation_change_keeps_the_gradient_scale():
     assert p.returncode == 0 and "ACCUM OK" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
 
 
-def test_two_nodes_launched_as_the_readme_says_train_as_one_run(tmp_path):
+def launch_two_nodes(cwd, flags, node1_prefix=()):
     """Two "nodes" on this machine, each started as the README's multi-node command (accelerate_config.yaml,
-    --num_machines 2, its own --machine_rank, rank 0's address and port): one run of 2 processes. Without
-    `deepspeed_multinode_launcher: standard` in the config, Accelerate's default (pdsh, which wants a hostfile) failed
-    on node 1 and ran node 0 alone as a one-process run that said nothing."""
+    --num_machines 2, its own --machine_rank, rank 0's address and port); node 1's command after node1_prefix.
+    The return codes and the last of what each said."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    out = str(tmp_path / "run")
-    flags = [*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out]
     nodes = []
     for rank in ("0", "1"):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"{ROOT}/accelerate_config.yaml"]
         cmd += ["--num_machines", "2", "--num_processes", "2", "--machine_rank", rank]
         cmd += ["--main_process_ip", "127.0.0.1", "--main_process_port", port, f"{ROOT}/train.py", *flags]
+        cmd = [*node1_prefix, *cmd] if rank == "1" else cmd
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        nodes.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        nodes.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     said = [node.communicate(timeout=300)[0].decode()[-3000:] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], said
+    return [node.returncode for node in nodes], said
+
+
+def test_two_nodes_launched_as_the_readme_says_train_as_one_run(tmp_path):
+    """Two "nodes" on this machine, launched as the README says: one run of 2 processes. Without
+    `deepspeed_multinode_launcher: standard` in the config, Accelerate's default (pdsh, which wants a hostfile) failed
+    on node 1 and ran node 0 alone as a one-process run that said nothing. (Their --output_dir is shared: the check
+    that it is passes.)"""
+    out = str(tmp_path / "run")
+    codes, said = launch_two_nodes(
+        tmp_path, [*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out]
+    )
+    assert codes == [0, 0], said
     res = results(out)
     assert res["num_processes"] == 2 and res["tokens_seen"] == 2 * 4 * 4 * 32, res
     assert not os.path.exists(tmp_path / ".deepspeed_env")  # (pdsh's launcher wrote the environment there)
+    assert not glob.glob(str(tmp_path / "**" / ".shared_check_*"), recursive=True)  # the check's file is gone
+
+
+def test_two_nodes_whose_output_dir_is_not_shared_are_refused(tmp_path):
+    """Node 1 sees its own disk where node 0 sees --output_dir's parent (its own mount namespace: a bind mount over
+    the directory). Its shards of every checkpoint would stay in step_N.tmp, which rank 0 renames on its own disk
+    only: a resume could not find them. Both nodes stop at the start with one line that names the flag."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode:
+        pytest.skip("no mount namespace here (unshare -m needs root or user namespaces)")
+    shared, own = tmp_path / "shared", tmp_path / "node1_disk"
+    shared.mkdir()
+    own.mkdir()
+    out = str(shared / "run")
+    node1 = ["unshare", "-m", "--propagation", "private", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"']
+    node1 += [str(own), str(shared)]
+    flags = [*TINY, "--max_train_steps", "4", "--sample_tokens", "0", "--output_dir", out]
+    codes, said = launch_two_nodes(tmp_path, flags, node1)
+    assert codes[0] != 0 and codes[1] != 0, said
+    for text in said:
+        assert (
+            f"train.py: error: --output_dir {out!r} is not on storage every node shares: rank(s) 1 do not see" in text
+        ), text
+    assert not os.listdir(shared) and not os.listdir(own)  # nothing written, the check's file removed
 
 
 def test_two_processes_controller_changes_lr_and_accumulation_identically(tmp_path, text_files):
