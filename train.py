@@ -34,6 +34,7 @@ import time
 from importlib.resources import files
 
 import numpy as np
+import safetensors
 import torch
 
 import controller as ctl
@@ -1006,6 +1007,29 @@ def checkpoint_dir(output_dir, step):
     return os.path.join(output_dir, f"step_{step}")
 
 
+# what a write that failed raises: OSError; torch's and safetensors' own errors for a short write
+WRITE_ERRORS = (OSError, RuntimeError, safetensors.SafetensorError)
+
+
+def write_failed(what, output_dir, e, remove=None):
+    """One line for a write into output_dir that failed (a full disk, a quota, a mount gone): what, why, the space
+    left, and the checkpoint a resume would start from; the partial files (`remove`) go first, freeing their space."""
+    try:
+        free = f"; {shutil.disk_usage(existing_parent(output_dir)).free / 2**20:.3g} MB free there"
+    except OSError:
+        free = ""
+    if remove:
+        shutil.rmtree(remove, ignore_errors=True)
+    why = (str(e).strip().splitlines() or [""])[0]
+    last = list(complete_checkpoints(output_dir).values())[-1:]
+    then = (
+        f"the last complete checkpoint, {last[0]!r}, is kept: free space, then --resume_from_checkpoint latest"
+        if last
+        else "no checkpoint of this run was saved: free space and run again"
+    )
+    fail(f"{what} in --output_dir {output_dir!r} failed ({type(e).__name__}: {why}{free}); {then}")
+
+
 def complete_checkpoints(output_dir):
     """{step: path} of the complete step_N checkpoints in output_dir (those with a train_state.json)."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
@@ -1093,18 +1117,22 @@ def save_checkpoint(accelerator, output_dir, state, controller, slots, save_tota
     if accelerator.is_main_process and os.path.exists(tmp):
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    table = slots.write(os.path.join(tmp, "controller_slots"), complete_checkpoints(output_dir))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(tmp)
+        table = slots.write(os.path.join(tmp, "controller_slots"), complete_checkpoints(output_dir))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            saved = {
+                "train": dataclasses.asdict(state),
+                "controller": controller.state_dict(),
+                "slots": table,
+                "files": file_sizes(tmp),
+            }
+            with open(os.path.join(tmp, "train_state.json"), "w") as f:  # written last: marks it complete
+                json.dump(saved, f)
+    except WRITE_ERRORS as e:
+        write_failed(f"saving checkpoint {os.path.basename(path)}", output_dir, e, remove=tmp)
     if accelerator.is_main_process:
-        saved = {
-            "train": dataclasses.asdict(state),
-            "controller": controller.state_dict(),
-            "slots": table,
-            "files": file_sizes(tmp),
-        }
-        with open(os.path.join(tmp, "train_state.json"), "w") as f:  # written last: marks the checkpoint complete
-            json.dump(saved, f)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -1272,7 +1300,11 @@ class Slots:
         if self.where is not None:
             self.mem[name] = copy_to(engine_state(self.engine), self.where)
         else:
-            self.engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False)
+            try:
+                self.engine.save_checkpoint(self.root, tag=name + ".tmp", save_latest=False)
+            except WRITE_ERRORS as e:
+                out = os.path.dirname(self.root)
+                write_failed(f"saving rollback slot {name!r}", out, e, remove=os.path.join(self.root, name + ".tmp"))
             self.acc.wait_for_everyone()
             if self.acc.is_main_process:  # atomic: a kill never leaves a half-written slot
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
@@ -1985,15 +2017,19 @@ def finish(args, accelerator, model, tokenizer, state, final, wall):
     eval_loss, accuracy = final
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards
-    accelerator.unwrap_model(model).save_pretrained(
-        args.output_dir,
-        is_main_process=accelerator.is_main_process,
-        save_function=accelerator.save,
-        state_dict=state_dict,
-    )
+    try:
+        accelerator.unwrap_model(model).save_pretrained(
+            args.output_dir,
+            is_main_process=accelerator.is_main_process,
+            save_function=accelerator.save,
+            state_dict=state_dict,
+        )
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(args.output_dir)
+    except WRITE_ERRORS as e:
+        write_failed("saving the final model", args.output_dir, e)
     results = None
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(args.output_dir)
         results = {
             "eval_loss": eval_loss,
             "perplexity": math.exp(min(eval_loss, 50)),

@@ -804,6 +804,62 @@ def test_a_resume_from_another_directory_starts_a_new_runs_logs(checkpointed, tm
     assert os.path.isfile(os.path.join(checkpointed, "step_8", "train_state.json"))  # the source is left as it was
 
 
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(tmp_path):
+    """--output_dir on a file system that fills up (a tmpfs in a mount namespace of its own, 1.2x one checkpoint):
+    a checkpoint's save failed with torch's "unexpected pos" traceback and left its step_N.tmp holding the space. Now
+    one line names the checkpoint, the space left and the checkpoint kept; the partial files are gone; given more
+    space, the resume reaches the uninterrupted result. The final model's save on a full disk: one line too."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode:
+        pytest.skip("no mount namespace here (unshare -m needs root or user namespaces)")
+    flags = TINY + ["--sample_tokens", "0", "--checkpointing_steps", "2", "--save_total_limit", "1"]
+    ref = str(tmp_path / "ref")
+    launch(flags + ["--output_dir", ref, "--save_total_limit", "16"])  # every checkpoint kept: the largest's size
+    largest = max(
+        sum(os.path.getsize(os.path.join(d, f)) for d, _, names in os.walk(os.path.join(ref, n)) for f in names)
+        for n in os.listdir(ref)
+        if n.startswith("step_")
+    )
+    disk, small, logs = tmp_path / "disk", tmp_path / "small", tmp_path / "logs"
+    for d in (disk, small, logs):
+        d.mkdir()
+    run = [sys.executable, os.path.join(ROOT, "train.py"), *flags]
+    final = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--sample_tokens", "0"]  # no checkpoints
+    script = f"""
+        mount -t tmpfs -o size={int(1.2 * largest) // 1024}k tmpfs {disk} && mount -t tmpfs -o size=100k tmpfs {small}
+        {" ".join(run)} --output_dir {disk}/run > /dev/null 2> {logs}/full.err; echo $? > {logs}/full.rc
+        find {disk}/run > {logs}/full.ls
+        for d in {disk}/run/step_*; do test -f $d/train_state.json && echo $d; done > {logs}/kept
+        mount -o remount,size=64m {disk}
+        {" ".join(run)} --output_dir {disk}/run --resume_from_checkpoint latest > /dev/null 2> {logs}/resume.err
+        cp {disk}/run/results.json {logs}/
+        {" ".join(final)} --output_dir {small}/run > /dev/null 2> {logs}/final.err
+    """
+    subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=ROOT, timeout=600, check=False
+    )
+
+    def error_line(name):  # (it may follow the progress bar on its line)
+        said = (logs / name).read_text()
+        assert "Traceback" not in said, said
+        found = re.findall(r"train\.py: error: [^\r\n]*", said)
+        assert len(found) == 1, said
+        return found[0]
+
+    assert (logs / "full.rc").read_text().strip() != "0"
+    line = error_line("full.err")
+    kept = (logs / "kept").read_text().split()
+    assert len(kept) == 1, (logs / "full.ls").read_text()  # a checkpoint saved before the disk filled, complete
+    assert re.search(r"train.py: error: saving checkpoint step_\d+ in --output_dir .* failed \(.*MB free there\)", line)
+    assert f"the last complete checkpoint, {kept[0]!r}, is kept" in line and "--resume_from_checkpoint latest" in line
+    assert ".tmp" not in (logs / "full.ls").read_text()  # the failed save's partial files removed
+    assert json.loads((logs / "results.json").read_text())["eval_loss"] == pytest.approx(
+        results(ref)["eval_loss"], rel=1e-6
+    ), (logs / "resume.err").read_text()
+    line = error_line("final.err")
+    assert line.startswith("train.py: error: saving the final model in --output_dir") and "MB free there" in line
+    assert line.endswith("no checkpoint of this run was saved: free space and run again"), line
+
+
 def test_a_checkpoint_on_another_file_system_resumes_with_its_disk_slots(tmp_path):
     """Disk slots come into the run's directory as hard links from the checkpoint, which cannot cross file systems:
     resuming from a checkpoint on another device (here /dev/shm, a tmpfs) raised after the output directory was
