@@ -1602,8 +1602,11 @@ TRACKER_NAMES = {
 def log_row(accelerator, args, row, step):
     """One metrics.jsonl row (main process); namespaced scalars for the trackers: train/*, eval/*, controller/*."""
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # (a line cut short is dropped at a resume)
+            write_failed("writing metrics.jsonl", args.output_dir, e)
     if args.with_tracking:
         numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         accelerator.log({TRACKER_NAMES.get(k, k): v for k, v in numbers.items()}, step=step)
@@ -2052,9 +2055,12 @@ def finish(args, accelerator, model, tokenizer, state, final, wall):
             "num_processes": accelerator.num_processes,
             "zero_stage": accelerator.state.deepspeed_plugin.zero_stage,
         }
-        save_results(os.path.join(args.output_dir, "results.json"), results)
         print(json.dumps(results))
-        plot_run(args.output_dir)
+        try:
+            save_results(os.path.join(args.output_dir, "results.json"), results)
+            plot_run(args.output_dir)
+        except WRITE_ERRORS as e:
+            write_failed("writing results.json and run.png", args.output_dir, e)
         if args.sample_tokens:
             print("----- sample -----\n" + sample(args, tokenizer) + "\n------------------")
     # every rank tears the process group down together, once the main process has written everything: a rank that
