@@ -222,12 +222,14 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      decade lower from the initial weights, uncompared, if the search budget holds the discarded segment;
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
-#      by UP_GAIN * |h| decades, at most FIRST_UP_MAX after the first reading (which reads "too low" even at the
-#      best lr on some tasks) and UP_MAX after later ones, with the weights from before the move kept as slot "best"
-#      for the safety net; nothing is discarded. A climb's segments are as long as the first segment (shorter in a
-#      short run, whose first segment and trial are shortened to fit the search budget: a climb of 1.5 decades takes
-#      four readings, which at 20 steps took 45% of a 200-step run);
-#   3. when h no longer says too low right after a move up, one more PAST_STEP decades up (the greedy measure
+#      after a history's first reading by FIRST_UP_GAIN * |h| decades, at most FIRST_UP_MAX (that reading says "too
+#      low" even at the best lr: -0.02..-0.07 at good starts of 8 language models, where every start from below read
+#      -0.09 or lower), after later ones by UP_GAIN * |h|, at most UP_MAX, with the weights from before the move kept
+#      as slot "best" for the safety net; nothing is discarded. A climb's segments are as long as the first segment
+#      (shorter in a short run, whose first segment and trial are shortened to fit the search budget: a climb of 1.5
+#      decades takes four readings, which at 20 steps took 45% of a 200-step run);
+#   3. when h no longer says too low right after a move up, one more step up, as far as the climb went and at most
+#      PAST_STEP decades (a climb of one weak reading's small move steps past as little; the greedy measure
 #      favours lower lrs than the best constant lr once the early plateau is over, so the point where h turns is
 #      below it), the weights from before it kept as slot "best"; commit at the next segment that does not read
 #      too low. Under a flat schedule (the loop's factor unchanged since the previous decision) the step past is a
@@ -240,6 +242,7 @@ BOTH_HIGH_TIE = 0.01
 MIN_TRIAL = 5
 LOW_H = 0.015
 UP_GAIN, FIRST_UP_MAX, UP_MAX = 10.0, 0.25, 0.5
+FIRST_UP_GAIN = 2.5  # a history's first reading moves 2.5|h| decades (later ones 10|h|): its 'too low' runs low
 PAST_STEP = 0.25  # decades up past the point where a climb ends
 UNDO_RISE = 0.05  # a move up after which the eval loss rose this much (relative) is undone, and the climb ends;
 # the lr goes back to where it was before the previous move up too (the readings that took it up ran high)
@@ -275,7 +278,9 @@ def reads_too_low(h):
 
 def up_factor(h, readings):
     """The climb's lr factor for a hypergradient h < 0 read after `readings` segments of the weights' history."""
-    return 10 ** min(FIRST_UP_MAX if readings < 2 else UP_MAX, UP_GAIN * -h)
+    if readings < 2:
+        return 10 ** min(FIRST_UP_MAX, FIRST_UP_GAIN * -h)
+    return 10 ** min(UP_MAX, UP_GAIN * -h)
 
 
 # ---------------------------------------------------------------- the policies
@@ -369,6 +374,7 @@ class RL(Off):
         self.stage = "first"  # the hypergradient search: first, cool_first, trial, cool_trial, climb
         self.history = 0  # segments in the current weights' history
         self.climbed_to = None  # the lr scale the climb last set (a rollback since then changed it)
+        self.climb_base = None  # the lr scale the current climb started from
         self.move = None  # (from, to): the last move up, its verdict pending (slot "best" holds the weights at "from")
         self.moved_from = [None, None]  # the lr scale before the previous move up and before the last one
         self.climb_off = False  # a move up was punished: no more moves up
@@ -557,8 +563,11 @@ class RL(Off):
         past_from, self.past_from = self.past_from, None
         if too_low or (climbed and not load):
             old = ctl.lr_scale
-            ctl.lr_scale = ctl.clip(old * (up_factor(h, self.history) if too_low else 10**PAST_STEP))
+            rose = math.log10(old / self.climb_base) if self.climb_base else PAST_STEP  # the climb so far, decades
+            ctl.lr_scale = ctl.clip(old * (up_factor(h, self.history) if too_low else 10 ** min(PAST_STEP, rose)))
             if ctl.lr_scale != old:  # the weights about to be put at risk are kept for the safety net
+                if too_low and not climbed:
+                    self.climb_base = old
                 self.climbed_to = ctl.lr_scale if too_low else None
                 self.past_from = None if too_low else old
                 self.move = None if load else (old, ctl.lr_scale)

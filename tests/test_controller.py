@@ -213,6 +213,23 @@ def test_too_low_start_moves_up_without_a_rollback():
     assert all(not d.load for d in decisions) and "init" not in c.slot_kept and c.policy.phase == "online"
 
 
+def test_a_weak_first_reading_moves_a_quarter_as_far_and_its_step_past_no_further():
+    """A history's first reading of too low runs low (good starts of 8 language models read -0.02..-0.07, every start
+    from below -0.09 or lower): it moves FIRST_UP_GAIN * |h| decades, not UP_GAIN * |h|, and the step past that ends
+    such a climb is no larger than the climb. A later reading moves UP_GAIN * |h| as before."""
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.04), (4.0, -0.01), (3.8, -0.005)])
+    first, past = decisions[:2]
+    assert first.action == f"up_x{10 ** (ctl.FIRST_UP_GAIN * 0.04):.3g}" and ctl.FIRST_UP_GAIN * 0.04 < ctl.PAST_STEP
+    assert past.action == f"past_x{10 ** (ctl.FIRST_UP_GAIN * 0.04):.3g}"
+    assert decisions[2].action == "commit" and c.lr_scale == pytest.approx(10 ** (2 * ctl.FIRST_UP_GAIN * 0.04))
+    c = rl()
+    decisions, *_ = run(c, [(4.5, -0.04), (4.0, -0.03), (3.8, -0.01)])
+    assert decisions[1].action == f"up_x{10 ** (ctl.UP_GAIN * 0.03):.3g}"  # a second reading: the full gain
+    rose = ctl.FIRST_UP_GAIN * 0.04 + ctl.UP_GAIN * 0.03
+    assert decisions[2].action == f"past_x{10 ** min(ctl.PAST_STEP, rose):.3g}"
+
+
 @pytest.mark.parametrize("flat", [True, False])
 def test_under_a_flat_schedule_the_step_past_is_a_probe_and_the_run_goes_on_below_it(flat):
     """A flat schedule (the loop's factor the same at two decisions): the step past the climb's end only probes (a rise
