@@ -563,8 +563,12 @@ class RL(Off):
         past_from, self.past_from = self.past_from, None
         if too_low or (climbed and not load):
             old = ctl.lr_scale
-            rose = math.log10(old / self.climb_base) if self.climb_base else PAST_STEP  # the climb so far, decades
-            ctl.lr_scale = ctl.clip(old * (up_factor(h, self.history) if too_low else 10 ** min(PAST_STEP, rose)))
+            if too_low:
+                factor = up_factor(h, self.history)
+            else:  # the step past: as far as the climb went (decades since its start), at most PAST_STEP
+                rose = math.log10(old / self.climb_base) if self.climb_base else PAST_STEP
+                factor = 10 ** min(PAST_STEP, rose)
+            ctl.lr_scale = ctl.clip(old * factor)
             if ctl.lr_scale != old:  # the weights about to be put at risk are kept for the safety net
                 if too_low and not climbed:
                     self.climb_base = old
