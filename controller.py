@@ -566,6 +566,7 @@ class RL(Off):
             if too_low:
                 factor = up_factor(h, self.history)
             else:  # the step past: as far as the climb went (decades since its start), at most PAST_STEP
+                # (no climb_base: a checkpoint saved before it existed, resumed mid-climb: PAST_STEP as then)
                 rose = math.log10(old / self.climb_base) if self.climb_base else PAST_STEP
                 factor = 10 ** min(PAST_STEP, rose)
             ctl.lr_scale = ctl.clip(old * factor)
