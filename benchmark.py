@@ -163,7 +163,7 @@ def replays(flags, res, rows):
     def unread():  # the run did not evaluate there: this controller must not read the loss either
         raise LookupError
 
-    c.start(None)
+    c.start(res.get("initial_eval_loss"))  # (logs from before it: None, so no plateau verdict; docs/results.md)
     warmup = args.num_warmup_steps * step_tokens
     state = train.TrainState(budget, args.search_in_budget, args.search_budget, 1, args.learning_rate, {})  # its .end
     for r in (r for r in rows if "controller/action" in r):

@@ -219,7 +219,16 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      budget (at least MIN_TRIAL steps). In a run too short for that (under 90 steps at 10%) a suspicion
 #      cannot be settled, so only a first segment that blew up (its eval loss above BLOWUP x the initial one, which
 #      the loop then passes to start(); at 60 steps no good start of ten plain loops went above 1.28x) restarts a
-#      decade lower from the initial weights, uncompared, if the search budget holds the discarded segment;
+#      decade lower from the initial weights, uncompared, if the search budget holds the discarded segment.
+#      A comparison made on a plateau is noise: when the first segment's and the trial's cooled losses both lie within
+#      PLATEAU of the initial eval loss (a regression network on its early plateau: its 20-step losses, readings and
+#      trials cannot tell its best lr from 3x it or a tenth of it, and moves there decide which seeds leave the
+#      plateau; at a language model's verdicts the trial's cooled loss lay 27-51% below the initial one), the first's
+#      weights go on at the start's lr with no moves, slot "first" kept, until the eval loss leaves the band: below
+#      it, the search opens again from the live weights (a first segment, a trial if it suspects), if the search
+#      budget holds a trial; more than SPIKE above the initial loss (or not finite), the start was too high after all:
+#      back to the first's weights at the trial's lr (a plateau's own wobble at the best lr rose 12%: the start
+#      waits). The wait ends with the climb's share of the run (ONLINE_UNTIL);
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      after a history's first reading by FIRST_UP_GAIN * |h| decades, at most FIRST_UP_MAX (that reading says "too
@@ -244,6 +253,9 @@ LOW_H = 0.015
 UP_GAIN, FIRST_UP_MAX, UP_MAX = 10.0, 0.25, 0.5
 FIRST_UP_GAIN = 2.5  # a history's first reading moves 2.5|h| decades (later ones 10|h|): its 'too low' runs low
 PAST_STEP = 0.25  # decades up past the point where a climb ends
+PLATEAU = (
+    0.1  # a comparison whose two cooled losses both lie within this of the initial eval loss was made on a plateau
+)
 UNDO_RISE = 0.05  # a move up after which the eval loss rose this much (relative) is undone, and the climb ends;
 # the lr goes back to where it was before the previous move up too (the readings that took it up ran high)
 ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
@@ -385,6 +397,7 @@ class RL(Off):
         self.schedule_seen = None  # the loop's schedule factor at the previous decision
         self.schedule_kept = None  # and the weights' history then (tokens)
         self.cool_m = None  # in the final cooldown: the multiplier's factor at the next segment's start
+        self.waiting = None  # the trial's lr scale while the start goes on after a comparison on a plateau
 
     @property
     def guarded(self):  # the safety net applies to the online phase and to the climb
@@ -419,8 +432,9 @@ class RL(Off):
         return self._gradient_search(ctl, obs, nonfinite)
 
     def needs_init_loss(self, ctl):
-        """A run too short for a trial restarts lower when its first segment blew up: above BLOWUP x this loss."""
-        return not ctl.trial_fits
+        """The initial weights' eval loss: a run too short for a trial restarts lower when its first segment blew up
+        (above BLOWUP x it), and a trial's comparison within PLATEAU of it waits (a plateau)."""
+        return True
 
     def skips_loss(self, ctl, obs, nonfinite):
         """In the hypergradient search, the end of a trial (its cooldown follows) and of a first segment that already
@@ -506,7 +520,7 @@ class RL(Off):
                 self.stage, self.trial_scale = "cool_first", down
                 return self._cooldown(ctl, "first")
             self.stage = "climb"
-            blew_up = loss is not None and ctl.init_loss is not None and loss > BLOWUP * ctl.init_loss
+            blew_up = not ctl.trial_fits and loss is not None and ctl.init_loss and loss > BLOWUP * ctl.init_loss
             if blew_up and not reads_too_low(h) and down != ctl.lr_scale and ctl.room(obs.tokens, 0, 0):
                 # no trial to settle it (a short run), but the first segment blew up and discarding it fits the
                 # search budget: a decade lower from the initial weights, uncompared (see the top)
@@ -532,6 +546,10 @@ class RL(Off):
             both_high = abs(reward) <= BOTH_HIGH_TIE or (reward > 0 and trial["h"] is not None and trial["h"] > 0)
             low = reads_too_low(trial["h"]) and not (reward < -SPIKE and 0 < (first["h"] or 0) <= LOW_H)
             win = trial if both_high or low else win
+            init = ctl.init_loss
+            if init and all(t["cooled"] is not None and abs(t["cooled"] / init - 1) <= PLATEAU for t in (first, trial)):
+                self.waiting, ctl.lr_scale, self.history = trial["scale"], first["scale"], 1  # a plateau: see the top
+                return self._commit(ctl, action="plateau_wait", load="first", keep=("first",))
             ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"
             drop = tuple(n for n in ("init", "first", "trial") if n in ctl.slot_kept and n != win["slot"]) + (
                 win["slot"],
@@ -607,6 +625,10 @@ class RL(Off):
         if cool:
             return cool
         measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL and not self.climb_off
+        if self.waiting is not None:
+            wait, drop = self._wait(ctl, obs, drop, steps, measure)
+            if wait:
+                return wait
         if measure and reads_too_low(h):
             old = ctl.lr_scale
             ctl.lr_scale = ctl.clip(old * up_factor(h, self.history))
@@ -626,6 +648,46 @@ class RL(Off):
         return Decision(
             ctl.lr_scale, ctl.grad_accum, steps=steps, action="keep", drop=drop, measure=measure, phase="online"
         )
+
+    def _wait(self, ctl, obs, drop, steps, measure):
+        """After a comparison on a plateau (see the top): (the decision, drop), or (None, drop) when the wait is over
+        and the online phase decides (slot "first" then in drop)."""
+        init, loss, down = ctl.init_loss, obs.eval_loss, self.waiting
+        cost = ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps)
+        self.waiting = None
+        if not measure:  # past the climb's share of the run
+            return None, drop + ("first",)
+        if not loss <= init * (1 + SPIKE):  # the start raised the loss as a spike would: too high after all
+            ctl.lr_scale, self.history = down, 1
+            action = f"plateau_rise_x{down:.3g}"
+            return Decision(
+                down,
+                ctl.grad_accum,
+                steps=steps,
+                action=action,
+                load="first",
+                drop=drop + ("first",),
+                measure=True,
+                phase="online",
+            ), drop
+        if loss < init * (1 - PLATEAU):  # off the plateau: search again from the live weights, if the budget holds it
+            if not ctl.room(obs.tokens, cost, ctl.kept):
+                return None, drop + ("first",)
+            self.phase, self.stage, self.history = "search", "first", 0
+            return Decision(
+                ctl.lr_scale,
+                ctl.grad_accum,
+                steps=ctl.trial_segment(),
+                action="search_again",
+                save="init",
+                drop=drop + ("first",),
+                measure=True,
+                phase="search",
+            ), drop
+        self.waiting = down
+        return Decision(
+            ctl.lr_scale, ctl.grad_accum, steps=steps, action="wait", drop=drop, measure=True, phase="online"
+        ), drop
 
     def _final_cooldown(self, ctl, obs, drop):
         """The last FINAL_COOL of the run: the multiplier falls linearly to 0 at the end of the weights' history, in
@@ -828,9 +890,10 @@ class Controller:
 
     def start(self, eval_loss=None):
         """Call once before training, with the eval loss of the initial weights, or a function that returns it (called
-        only if a decision may need it), or None; apply the returned decision. Only rl in a run too short for a trial
-        uses it (a first segment that blew up restarts lower); the safety net's and the reward's losses start with the
-        first segment either way, so a number and a function that returns it decide alike."""
+        only if a decision may need it), or None; apply the returned decision. Only rl uses it (a short run's first
+        segment that blew up restarts lower; a trial's comparison on a plateau waits); the safety net's and the
+        reward's losses start with the first segment either way, so a number and a function that returns it decide
+        alike."""
         if self.policy.needs_init_loss(self):
             loss = eval_loss() if callable(eval_loss) else eval_loss
             self.init_loss = None if loss is None else float(loss)  # None: not known, no restart

@@ -1546,10 +1546,7 @@ def evaluate(accelerator, model, eval_dl, max_batches, schedulefree_opt=None):
 def initial_eval(args, accelerator, model, eval_dl, sf_opt):
     """The initial weights' eval loss (for the controller; printed, not a metrics row)."""
     loss = evaluate(accelerator, model, eval_dl, args.max_eval_batches, sf_opt)[0]
-    say(
-        accelerator,
-        f"[controller] initial eval_loss {loss:.4f} (no trial fits: a first segment above {ctl.BLOWUP:g}x it restarts)",
-    )
+    say(accelerator, f"[controller] initial eval_loss {loss:.4f} (a short run's blow-up, a plateau: judged against it)")
     return loss
 
 
@@ -2015,7 +2012,7 @@ def save_results(path, results):
         json.dump(results | meta | {"_interpreter_path": sys.executable}, f)
 
 
-def finish(args, accelerator, model, tokenizer, state, final, wall):
+def finish(args, accelerator, model, tokenizer, state, final, wall, init_loss):
     """The final model (gathered under ZeRO-3), results.json, run.png and a generated sample."""
     eval_loss, accuracy = final
     accelerator.wait_for_everyone()
@@ -2051,6 +2048,7 @@ def finish(args, accelerator, model, tokenizer, state, final, wall):
             "loss_scale_skips": state.loss_scale_skips,
             "rollbacks": state.rollbacks,
             "controller": args.controller,
+            "initial_eval_loss": init_loss,  # what rl judged a plateau by (None: not read); benchmark.py replays it
             "learning_rate": state.learning_rate,
             "num_processes": accelerator.num_processes,
             "zero_stage": accelerator.state.deepspeed_plugin.zero_stage,
@@ -2176,7 +2174,7 @@ def main(argv=None):
     if sf_opt is not None:
         sf_opt.train()
     t_start = time.time()  # the wall time counts the controller's start (rl saves the initial weights) and the loop
-    if not saved:  # the initial weights' eval loss: read only if the controller may need it (a short run)
+    if not saved:  # the initial weights' eval loss: read only if the controller may need it (rl: the search)
         apply_decision(
             controller.start(lambda: initial_eval(args, accelerator, model, eval_dl, sf_opt)), state, slots, data
         )
@@ -2185,7 +2183,7 @@ def main(argv=None):
     wall += train(args, accelerator, model, optimizer, eval_dl, data, controller, state, slots, probe, micro_tokens)
     final = evaluate(accelerator, model, eval_dl, args.final_eval_batches, sf_opt)
     slots.clear()
-    return finish(args, accelerator, model, tokenizer, state, final, wall)
+    return finish(args, accelerator, model, tokenizer, state, final, wall, controller.init_loss)
 
 
 if __name__ == "__main__":

@@ -136,8 +136,9 @@ def run(c, script):
 
 def test_a_run_too_short_for_a_trial_restarts_lower_only_when_its_first_segment_blew_up():
     """60 steps at 10%: 6 steps to discard, no room for a trial (the first segment is MIN_TRIAL steps). The initial
-    eval loss is read then, and only then; a first segment whose loss rose above BLOWUP x it restarts a decade lower
-    from the initial weights (its steps fit the budget); one that read too high but did not blow up goes on."""
+    eval loss (read in every rl run: a comparison on a plateau is judged against it too) counts here: a first segment
+    whose loss rose above BLOWUP x it restarts a decade lower from the initial weights (its steps fit the budget); one
+    that read too high but did not blow up goes on. Where a trial fits, the trial settles it."""
     calls = []
 
     def initial():
@@ -145,7 +146,8 @@ def test_a_run_too_short_for_a_trial_restarts_lower_only_when_its_first_segment_
         return 2.0
 
     rl(tokens_per_step=TPS).start(initial)
-    assert not calls  # a trial fits: not needed, not read
+    assert calls == [1]
+    calls.clear()
     for loss, restart in ((4.5, True), (3.9, False)):
         c = rl(budget_steps=60, tokens_per_step=TPS)
         d = c.start(initial)
@@ -161,9 +163,9 @@ def test_a_run_too_short_for_a_trial_restarts_lower_only_when_its_first_segment_
 
 @pytest.mark.parametrize("budget_steps", [60, 400])
 def test_the_initial_loss_given_as_a_number_or_a_function_decides_alike(budget_steps):
-    """start(x) and start(lambda: x) give the same decisions: the initial loss serves the short run's restart alone
-    (a function is called only then); the safety net's and the reward's losses start with the first segment either
-    way (a first segment above BLOWUP x the initial loss is not a fault, in a long run the climb decides)."""
+    """start(x) and start(lambda: x) give the same decisions: the initial loss serves the short run's restart and
+    the plateau verdict; the safety net's and the reward's losses start with the first segment either way (a first
+    segment above BLOWUP x the initial loss is not a fault; in a long run the climb, or a trial, decides)."""
     script = [(13.0, -0.005), (12.5, -0.1), (12.0, 0.0), (11.0, 0.0)]
     got = []
     for initial in (6.0, lambda: 6.0):
@@ -576,6 +578,34 @@ def test_a_down_trial_that_wins_but_still_reads_too_high_means_both_too_high():
     assert c.policy.phase == "online" and c.lr_scale == pytest.approx(down**2)
     c = rl(search_budget=0.2)
     decisions, _, _ = run(c, [(3.3, 0.02), (3.3, None), (2.9, 0.0), (2.8, None)])
+    assert decisions[3].action == f"pick_x{down:.3g}" and decisions[3].load == "trial"
+
+
+def test_a_comparison_on_a_plateau_waits_at_the_start():
+    """The start reads too high and its trial a decade lower wins, but both cooled losses lie within PLATEAU of the
+    initial one (a regression network on its early plateau): the comparison is noise. The first's weights go on at
+    the start's lr, slot "first" kept, and nothing moves while the loss stays in the band (a reading of too low
+    neither). Below the band the search opens again from the live weights (saved as "init": the next trial starts
+    there); more than SPIKE above the initial loss the start was too high after all: the first's weights at the
+    trial's lr."""
+    init, down = 6.0, 10**-ctl.TRIAL_DOWN  # run() passes 6.0 to start()
+    plateau = [(init * 0.98, 0.02), (init, None), (init * 0.99, 0.01), (init * 0.97, None)]  # the trial wins, noise
+    c = rl()
+    decisions, *_ = run(c, [*plateau, (init * 0.97, -0.2), (init * 0.85, 0.0), (init * 0.8, 0.02), (init * 0.8, None)])
+    wait = decisions[3]
+    assert wait.action == "plateau_wait" and wait.load == "first" and "first" not in wait.drop
+    assert decisions[4].action == "wait" and not decisions[4].load and decisions[4].lr_scale == 1.0
+    again = decisions[5]
+    assert again.action == "search_again" and again.save == "init" and "first" in again.drop
+    assert [d.action for d in decisions[6:]] == ["cooldown", f"trial_x{down:.3g}"] and decisions[7].load == "init"
+    c = rl()
+    decisions, *_ = run(c, [*plateau, (init * 1.2, 0.05), (init * (1 + ctl.SPIKE) * 1.01, 0.05), (init * 0.9, 0.0)])
+    assert decisions[4].action == "wait"  # 20% above the initial loss: a plateau's wobble, not yet a spike's rise
+    rise = decisions[5]
+    assert rise.action == f"plateau_rise_x{down:.3g}" and rise.load == "first" and "first" in rise.drop
+    assert c.lr_scale == pytest.approx(down) and not c.slot_kept and decisions[6].action == "keep"
+    c = rl()  # the same comparison off the plateau (the trial's cooled loss 15% below the initial one) is trusted
+    decisions, *_ = run(c, [*plateau[:2], (init * 0.99, 0.0), (init * 0.85, None)])
     assert decisions[3].action == f"pick_x{down:.3g}" and decisions[3].load == "trial"
 
 

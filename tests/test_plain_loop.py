@@ -78,6 +78,19 @@ def test_a_start_30x_too_low_is_rescued(off):
     assert loss < off[BEST_LR / 30] / 5 and spent <= 1000 * 1.1, (loss, off)
 
 
+def test_at_the_best_lr_a_comparison_on_the_early_plateau_waits(monkeypatch):
+    """300 steps, seed 5: the first segment reads too high and its trial a decade lower wins by noise, both cooled
+    losses within PLATEAU of the initial one (the network has not left its plateau): the start goes on at its lr and
+    the search waits. Taking the trial's win kept this run on the plateau (0.51 against the loop alone's 0.12)."""
+    import controller
+
+    actions, step = [], controller.Controller.step
+    monkeypatch.setattr(controller.Controller, "step", lambda c, obs: actions.append(step(c, obs)) or actions[-1])
+    loss_off, _ = run(BEST_LR, "off", seed=5, steps=300)
+    loss, _ = run(BEST_LR, "rl", seed=5, steps=300)
+    assert "plateau_wait" in [d.action for d in actions] and loss <= loss_off * 1.01, (loss, loss_off)
+
+
 def test_a_short_run_from_a_too_low_start_spends_exactly_its_budget():
     """200 steps: the first segment and the climb's are 11 steps, which do not divide the budget; nothing is
     discarded from a too-low start, and the last segment stops at the end (it once ran on past it)."""

@@ -56,7 +56,7 @@ def test_default_data_one_process_zero2(tmp_path):
     assert "not a git repository" not in p.stderr and results(out)["_git_commit_hash"] is None  # (run from tmp_path)
     assert "[controller] step 4" in p.stdout and "Note: rl was measured" not in p.stdout  # warmup + cosine
     assert "rl cools" not in p.stdout
-    assert "[controller] initial eval_loss" in p.stdout  # 16 steps: no trial fits; start() reads the initial loss
+    assert "[controller] initial eval_loss" in p.stdout  # rl reads the initial loss in every run
     blocks = int(re.search(r"train blocks = (\d+)", p.stdout).group(1))  # the epochs the budget makes: tokens / data
     tokens, epochs = re.search(r"= ([\d,]+) tokens = ([\d.e+-]+) epochs", p.stdout).groups()
     assert float(epochs) == float(f"{int(tokens.replace(',', '')) / (blocks * 32):.3g}")
@@ -120,8 +120,9 @@ def test_rl_search_on_top_or_inside_the_budget_and_memory_or_disk_slots(tmp_path
         out[name] = str(tmp_path / name)
         p = launch(TINY + SEARCH + ["--output_dir", out[name], *extra])
         assert f"rollback slots: {'disk' if name == 'disk' else 'memory'}" in p.stdout
-        assert "initial eval_loss" not in p.stdout  # a trial fits: the initial loss is not needed, not evaluated
+        assert "initial eval_loss" in p.stdout  # rl judges a plateau by it (and a short run's blow-up)
     a, b = results(out["memory"]), results(out["inside"])
+    assert a["initial_eval_loss"] == b["initial_eval_loss"] > 0  # in results.json, for benchmark.py's replays()
     assert a["tokens_kept"] == budget and 0 < a["tokens_discarded"] <= 0.9 * budget and a["rollbacks"] > 0
     assert a["tokens_seen"] == budget + a["tokens_discarded"]
     assert b["tokens_seen"] == budget and b["tokens_kept"] == budget - b["tokens_discarded"] > 0
