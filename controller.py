@@ -220,15 +220,16 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      cannot be settled, so only a first segment that blew up (its eval loss above BLOWUP x the initial one, which
 #      the loop then passes to start(); at 60 steps no good start of ten plain loops went above 1.28x) restarts a
 #      decade lower from the initial weights, uncompared, if the search budget holds the discarded segment.
-#      A comparison made on a plateau is noise: when the first segment's and the trial's cooled losses both lie within
-#      PLATEAU of the initial eval loss (a regression network on its early plateau: its 20-step losses, readings and
-#      trials cannot tell its best lr from 3x it or a tenth of it, and moves there decide which seeds leave the
-#      plateau; at a language model's verdicts the trial's cooled loss lay 27-51% below the initial one), the first's
-#      weights go on at the start's lr with no moves, slot "first" kept, until the eval loss leaves the band: below
-#      it, the search opens again from the live weights (a first segment, a trial if it suspects), if the search
-#      budget holds a trial; more than SPIKE above the initial loss (or not finite), the start was too high after all:
-#      back to the first's weights at the trial's lr (a plateau's own wobble at the best lr rose 12%: the start
-#      waits). The wait ends with the climb's share of the run (ONLINE_UNTIL);
+#      A comparison made on a plateau is noise: when the first segment's and the trial's cooled losses both lie less
+#      than PLATEAU below the initial eval loss and no more than SPIKE above it (neither made progress, neither spiked:
+#      a regression network on its early plateau, whose 20-step losses, readings and trials cannot tell its best lr from
+#      3x it or a tenth of it, and moves there decide which seeds leave the plateau; at a language model's verdicts the
+#      trial's cooled loss lay 27-51% below the initial one), the first's weights go on at the start's lr with no moves,
+#      slot "first" kept, until the eval loss leaves the band: below it, the search opens again from the live weights (a
+#      first segment, a trial if it suspects), if the search budget holds a trial; more than SPIKE above the initial
+#      loss (or not finite), the start was too high after all: back to the first's weights at the trial's lr (a
+#      plateau's own wobble at the best lr rose 12%: the start waits). The wait ends with the climb's share of the run
+#      (ONLINE_UNTIL);
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      after a history's first reading by FIRST_UP_GAIN * |h| decades, at most FIRST_UP_MAX (that reading says "too
@@ -253,9 +254,9 @@ LOW_H = 0.015
 UP_GAIN, FIRST_UP_MAX, UP_MAX = 10.0, 0.25, 0.5
 FIRST_UP_GAIN = 2.5  # a history's first reading moves 2.5|h| decades (later ones 10|h|): its 'too low' runs low
 PAST_STEP = 0.25  # decades up past the point where a climb ends
-PLATEAU = (
-    0.1  # a comparison whose two cooled losses both lie within this of the initial eval loss was made on a plateau
-)
+# a trial's comparison whose two cooled losses both lie less than PLATEAU below the initial eval loss (and less than
+# SPIKE above it) was made on a plateau
+PLATEAU = 0.1
 UNDO_RISE = 0.05  # a move up after which the eval loss rose this much (relative) is undone, and the climb ends;
 # the lr goes back to where it was before the previous move up too (the readings that took it up ran high)
 ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
@@ -368,9 +369,11 @@ class RL(Off):
     from the initial weights, uncompared): the trial's reward is its cooled improvement over the first segment
     (compute_reward), and the better one's weights go on; the trial's also when it loses but reads too low (the best lr
     is then between the two, and the comparison favours the higher lr), unless it lost by more than SPIKE to a start
-    that read within LOW_H of 0 (a suspicion no clear reading carried). Up only from the live weights, while h says too
-    low (a too-low lr does no damage), then one step past where it stopped saying so (under a flat schedule a probe
-    only: the commit goes back below it), then commit. At a good start no trial runs and nothing is discarded.
+    that read within LOW_H of 0 (a suspicion no clear reading carried); a comparison on a plateau (both cooled losses
+    between 1 - PLATEAU and 1 + SPIKE times the initial one) is noise: the start goes on and the search waits. Up only
+    from the live weights, while h says too low (a too-low lr does no damage), then one step past where it stopped
+    saying so (under a flat schedule a probe only: the commit goes back below it), then commit. At a good start no
+    trial runs and nothing is discarded.
 
     Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
     cooldown and compared by the cooled loss; the direction of the next trial is drawn from preferences that
@@ -547,7 +550,9 @@ class RL(Off):
             low = reads_too_low(trial["h"]) and not (reward < -SPIKE and 0 < (first["h"] or 0) <= LOW_H)
             win = trial if both_high or low else win
             init = ctl.init_loss
-            if init and all(t["cooled"] is not None and abs(t["cooled"] / init - 1) <= PLATEAU for t in (first, trial)):
+            if init and all(
+                t["cooled"] is not None and -PLATEAU <= t["cooled"] / init - 1 <= SPIKE for t in (first, trial)
+            ):
                 self.waiting, ctl.lr_scale, self.history = trial["scale"], first["scale"], 1  # a plateau: see the top
                 return self._commit(ctl, action="plateau_wait", load="first", keep=("first",))
             ctl.lr_scale, self.history, self.stage = win["scale"], 1, "climb"

@@ -582,12 +582,12 @@ def test_a_down_trial_that_wins_but_still_reads_too_high_means_both_too_high():
 
 
 def test_a_comparison_on_a_plateau_waits_at_the_start():
-    """The start reads too high and its trial a decade lower wins, but both cooled losses lie within PLATEAU of the
-    initial one (a regression network on its early plateau): the comparison is noise. The first's weights go on at
-    the start's lr, slot "first" kept, and nothing moves while the loss stays in the band (a reading of too low
-    neither). Below the band the search opens again from the live weights (saved as "init": the next trial starts
-    there); more than SPIKE above the initial loss the start was too high after all: the first's weights at the
-    trial's lr."""
+    """The start reads too high and its trial a decade lower wins, but both cooled losses lie less than PLATEAU below
+    the initial one and less than SPIKE above it (a regression network on its early plateau): the comparison is
+    noise. The first's weights go on at the start's lr, slot "first" kept, and nothing moves while the loss stays in
+    the band (a reading of too low neither). Below the band the search opens again from the live weights (saved as
+    "init": the next trial starts there); more than SPIKE above the initial loss the start was too high after all:
+    the first's weights at the trial's lr."""
     init, down = 6.0, 10**-ctl.TRIAL_DOWN  # run() passes 6.0 to start()
     plateau = [(init * 0.98, 0.02), (init, None), (init * 0.99, 0.01), (init * 0.97, None)]  # the trial wins, noise
     c = rl()
@@ -604,6 +604,10 @@ def test_a_comparison_on_a_plateau_waits_at_the_start():
     rise = decisions[5]
     assert rise.action == f"plateau_rise_x{down:.3g}" and rise.load == "first" and "first" in rise.drop
     assert c.lr_scale == pytest.approx(down) and not c.slot_kept and decisions[6].action == "keep"
+    for first_cooled, waits in ((1.15, True), (1 + ctl.SPIKE + 0.05, False)):  # no progress; a spike's rise
+        c = rl()
+        decisions, *_ = run(c, [(init * 1.2, 0.05), (init * first_cooled, None), *plateau[2:]])
+        assert (decisions[3].action == "plateau_wait") == waits, decisions[3].action
     c = rl()  # the same comparison off the plateau (the trial's cooled loss 15% below the initial one) is trusted
     decisions, *_ = run(c, [*plateau[:2], (init * 0.99, 0.0), (init * 0.85, None)])
     assert decisions[3].action == f"pick_x{down:.3g}" and decisions[3].load == "trial"
