@@ -436,7 +436,7 @@ class RL(Off):
 
     def needs_init_loss(self, ctl):
         """The initial weights' eval loss: a run too short for a trial restarts lower when its first segment blew up
-        (above BLOWUP x it), and a trial's comparison within PLATEAU of it waits (a plateau)."""
+        (above BLOWUP x it), and a trial's comparison whose cooled losses stay near it waits (a plateau)."""
         return True
 
     def skips_loss(self, ctl, obs, nonfinite):
@@ -626,8 +626,9 @@ class RL(Off):
         self.history += 1
         h = obs.hypergradient
         drop = ("best",) if "best" in ctl.slot_kept else ()
-        cool, steps = self._final_cooldown(ctl, obs, drop)
-        if cool:
+        cool, steps = self._final_cooldown(ctl, obs, drop + (("first",) if self.waiting is not None else ()))
+        if cool:  # (a wait that a long segment carried past the climb's share into the cooldown ends too)
+            self.waiting = None
             return cool
         measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL and not self.climb_off
         if self.waiting is not None:

@@ -613,6 +613,18 @@ def test_a_comparison_on_a_plateau_waits_at_the_start():
     assert decisions[3].action == f"pick_x{down:.3g}" and decisions[3].load == "trial"
 
 
+def test_a_wait_carried_into_the_final_cooldown_frees_its_slot():
+    """A short history under a flat schedule: the segment after a plateau's verdict ends past the climb's share of
+    the run and inside the final cooldown; the cooldown frees slot "first" and the wait ends."""
+    c, init = rl(budget_steps=25, search_budget=0.9), 6.0  # room for a trial in 25 steps
+    d, spent = c.start(init), 0
+    for loss, h in [(init * 0.98, 0.02), (init, None), (init * 0.99, 0.01), (init * 0.97, None), (init * 0.97, 0.0)]:
+        spent += (d.steps or INTERVAL) * TPS
+        obs = ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens, hypergradient=h)
+        d = c.step(dataclasses.replace(obs, schedule=1.0))
+    assert d.action == "final_cooldown" and "first" in d.drop and not c.slot_kept and c.policy.waiting is None
+
+
 def test_no_budget_no_trial():
     """With a search budget too small for one trial and its cooldowns, a suspicion is not followed up."""
     c = rl(search_budget=0.01)
