@@ -456,9 +456,8 @@ class RL(Off):
         when it reads too high (h > 0) or its loss is not finite (None: not read), if the lr can go lower and the
         search budget holds the trial and both cooldowns."""
         down = self._down(ctl, ctl.lr_scale)
-        cost = ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps)
         too_high = loss == math.inf or obs.hypergradient > 0
-        return too_high and down != ctl.lr_scale and ctl.room(obs.tokens, cost, ctl.kept)
+        return too_high and down != ctl.lr_scale and ctl.room(obs.tokens, ctl.trial_cost(), ctl.kept)
 
     def _cooldown(self, ctl, slot):
         """Keep the weights (slot), then a short cooldown of the lr to compare by the cooled loss."""
@@ -632,9 +631,10 @@ class RL(Off):
             return cool
         measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL and not self.climb_off
         if self.waiting is not None:
-            wait, drop = self._wait(ctl, obs, drop, steps, measure)
+            wait = self._wait(ctl, obs, drop, steps, measure)
             if wait:
                 return wait
+            drop += ("first",)  # the wait is over: the online phase decides
         if measure and reads_too_low(h):
             old = ctl.lr_scale
             ctl.lr_scale = ctl.clip(old * up_factor(h, self.history))
@@ -656,13 +656,12 @@ class RL(Off):
         )
 
     def _wait(self, ctl, obs, drop, steps, measure):
-        """After a comparison on a plateau (see the top): (the decision, drop), or (None, drop) when the wait is over
-        and the online phase decides (slot "first" then in drop)."""
+        """After a comparison on a plateau (see the top): the decision, or None when the wait is over and the online
+        phase decides."""
         init, loss, down = ctl.init_loss, obs.eval_loss, self.waiting
-        cost = ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps)
         self.waiting = None
         if not measure:  # past the climb's share of the run
-            return None, drop + ("first",)
+            return None
         if not loss <= init * (1 + SPIKE):  # the start raised the loss as a spike would: too high after all
             ctl.lr_scale, self.history = down, 1
             action = f"plateau_rise_x{down:.3g}"
@@ -675,10 +674,10 @@ class RL(Off):
                 drop=drop + ("first",),
                 measure=True,
                 phase="online",
-            ), drop
+            )
         if loss < init * (1 - PLATEAU):  # off the plateau: search again from the live weights, if the budget holds it
-            if not ctl.room(obs.tokens, cost, ctl.kept):
-                return None, drop + ("first",)
+            if not ctl.room(obs.tokens, ctl.trial_cost(), ctl.kept):
+                return None
             self.phase, self.stage, self.history = "search", "first", 0
             return Decision(
                 ctl.lr_scale,
@@ -689,11 +688,11 @@ class RL(Off):
                 drop=drop + ("first",),
                 measure=True,
                 phase="search",
-            ), drop
+            )
         self.waiting = down
         return Decision(
             ctl.lr_scale, ctl.grad_accum, steps=steps, action="wait", drop=drop, measure=True, phase="online"
-        ), drop
+        )
 
     def _final_cooldown(self, ctl, obs, drop):
         """The last FINAL_COOL of the run: the multiplier falls linearly to 0 at the end of the weights' history, in
@@ -748,9 +747,7 @@ class RL(Off):
         if self.segment == "trial":  # keep its weights, then cool down to compare
             trial["raw"] = loss
             self.segment = "cool"
-            if len(self.trials) == 1 and not ctl.room(
-                obs.tokens, ctl.steps_tokens(ctl.trial_steps + 2 * ctl.cool_steps), ctl.kept
-            ):
+            if len(self.trials) == 1 and not ctl.room(obs.tokens, ctl.trial_cost(), ctl.kept):
                 ctl.best = loss
                 return self._commit(ctl)  # no budget for even one more trial: go on as started
             return Decision(
@@ -1026,6 +1023,10 @@ class Controller:
     def steps_tokens(self, steps):
         """Tokens of `steps` optimizer steps at the starting batch size (measured from the segments run)."""
         return steps * (self.tokens_per_step or 0)
+
+    def trial_cost(self):
+        """Tokens of one more trial and both cooldowns (the trial's and the one it is compared with)."""
+        return self.steps_tokens(self.trial_steps + 2 * self.cool_steps)
 
     def room(self, spent, extra, kept_after):
         """Whether the search budget allows spending `extra` more tokens and then going on from weights whose
