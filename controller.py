@@ -225,11 +225,14 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      a regression network on its early plateau, whose 20-step losses, readings and trials cannot tell its best lr from
 #      3x it or a tenth of it, and moves there decide which seeds leave the plateau; at a language model's verdicts the
 #      trial's cooled loss lay 27-51% below the initial one), the first's weights go on at the start's lr with no moves,
-#      slot "first" kept, until the eval loss leaves the band: below it, the search opens again from the live weights (a
-#      first segment, a trial if it suspects), if the search budget holds a trial; more than SPIKE above the initial
-#      loss (or not finite), the start was too high after all: back to the first's weights at the trial's lr (a
-#      plateau's own wobble at the best lr rose 12%: the start waits). The wait ends with the climb's share of the run
-#      (ONLINE_UNTIL);
+#      slot "first" kept, until the eval loss leaves the band: below it, the search opens again from the live weights,
+#      if the search budget holds a trial, but runs no trial unless its first segment's loss is not finite: a first
+#      segment, then the climb (2.) or a commit at the start's lr (the start's lr took the loss off the plateau, and a
+#      comparison there runs in the phase where the short horizon favours the lower lr: at reg_sgd's best lr in 2000
+#      steps the trial a decade lower won the cooled comparison 0.16 to 0.38 and went on to end 7-10x above `off`); more
+#      than SPIKE above the initial loss (or not finite), the start was too high after all: back to the first's weights
+#      at the trial's lr (a plateau's own wobble at the best lr rose 12%: the start waits). The wait ends with the
+#      climb's share of the run (ONLINE_UNTIL);
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      after a history's first reading by FIRST_UP_GAIN * |h| decades, at most FIRST_UP_MAX (that reading says "too
@@ -401,6 +404,7 @@ class RL(Off):
         self.schedule_kept = None  # and the weights' history then (tokens)
         self.cool_m = None  # in the final cooldown: the multiplier's factor at the next segment's start
         self.waiting = None  # the trial's lr scale while the start goes on after a comparison on a plateau
+        self.reopened = False  # the search opened again off a plateau: no trial
 
     @property
     def guarded(self):  # the safety net applies to the online phase and to the climb
@@ -454,9 +458,10 @@ class RL(Off):
     def _first_cools(self, ctl, obs, loss):
         """After the first segment: a cooldown, then a trial lower by TRIAL_DOWN decades from the initial weights,
         when it reads too high (h > 0) or its loss is not finite (None: not read), if the lr can go lower and the
-        search budget holds the trial and both cooldowns."""
+        search budget holds the trial and both cooldowns. A search opened again off a plateau suspects only a loss that
+        is not finite (see the top)."""
         down = self._down(ctl, ctl.lr_scale)
-        too_high = loss == math.inf or obs.hypergradient > 0
+        too_high = loss == math.inf or (obs.hypergradient > 0 and not self.reopened)
         return too_high and down != ctl.lr_scale and ctl.room(obs.tokens, ctl.trial_cost(), ctl.kept)
 
     def _cooldown(self, ctl, slot):
@@ -675,10 +680,11 @@ class RL(Off):
                 measure=True,
                 phase="online",
             )
-        if loss < init * (1 - PLATEAU):  # off the plateau: search again from the live weights, if the budget holds it
+        if loss < init * (1 - PLATEAU):  # off the plateau: search again from the live weights (no trial but after a
+            # blow-up), if the budget holds a trial
             if not ctl.room(obs.tokens, ctl.trial_cost(), ctl.kept):
                 return None
-            self.phase, self.stage, self.history = "search", "first", 0
+            self.phase, self.stage, self.history, self.reopened = "search", "first", 0, True
             return Decision(
                 ctl.lr_scale,
                 ctl.grad_accum,

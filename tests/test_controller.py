@@ -586,8 +586,9 @@ def test_a_comparison_on_a_plateau_waits_at_the_start():
     the initial one and less than SPIKE above it (a regression network on its early plateau): the comparison is
     noise. The first's weights go on at the start's lr, slot "first" kept, and nothing moves while the loss stays in
     the band (a reading of too low neither). Below the band the search opens again from the live weights (saved as
-    "init": the next trial starts there); more than SPIKE above the initial loss the start was too high after all:
-    the first's weights at the trial's lr."""
+    "init"), with no trial: a reading of too high commits at the start's lr, one of too low climbs as a history's
+    first; only a first segment whose loss is not finite gets its trial (from "init"). More than SPIKE above the
+    initial loss the start was too high after all: the first's weights at the trial's lr."""
     init, down = 6.0, 10**-ctl.TRIAL_DOWN  # run() passes 6.0 to start()
     plateau = [(init * 0.98, 0.02), (init, None), (init * 0.99, 0.01), (init * 0.97, None)]  # the trial wins, noise
     c = rl()
@@ -597,6 +598,14 @@ def test_a_comparison_on_a_plateau_waits_at_the_start():
     assert decisions[4].action == "wait" and not decisions[4].load and decisions[4].lr_scale == 1.0
     again = decisions[5]
     assert again.action == "search_again" and again.save == "init" and "first" in again.drop
+    assert decisions[6].action == "commit" and c.lr_scale == 1.0 and "init" in decisions[6].drop  # no trial
+    off_plateau = [*plateau, (init * 0.97, -0.2), (init * 0.85, 0.0)]
+    c = rl()
+    decisions, *_ = run(c, [*off_plateau, (init * 0.8, -0.1)])
+    up = 10 ** min(ctl.FIRST_UP_MAX, ctl.FIRST_UP_GAIN * 0.1)
+    assert decisions[6].action == f"up_x{up:.3g}" and c.lr_scale == pytest.approx(up)
+    c = rl()
+    decisions, *_ = run(c, [*off_plateau, (math.inf, None), (init * 0.8, None)])
     assert [d.action for d in decisions[6:]] == ["cooldown", f"trial_x{down:.3g}"] and decisions[7].load == "init"
     c = rl()
     decisions, *_ = run(c, [*plateau, (init * 1.2, 0.05), (init * (1 + ctl.SPIKE) * 1.01, 0.05), (init * 0.9, 0.0)])

@@ -91,6 +91,21 @@ def test_at_the_best_lr_a_comparison_on_the_early_plateau_waits(monkeypatch):
     assert "plateau_wait" in [d.action for d in actions] and loss <= loss_off * 1.01, (loss, loss_off)
 
 
+def test_off_the_plateau_the_reopened_search_runs_no_trial(monkeypatch):
+    """1000 steps, seed 5: after the plateau's wait the loss falls below the band and the search opens again from the
+    live weights; its first segment reads too high, and it commits at the start's lr (the lr that took the loss off
+    the plateau) with no trial. A trial a decade lower there won the cooled comparison (where the short horizon
+    favours lower lrs) and, after a climb and an undo, ended at 0.058 against the loop alone's 0.019."""
+    import controller
+
+    actions, step = [], controller.Controller.step
+    monkeypatch.setattr(controller.Controller, "step", lambda c, obs: actions.append(step(c, obs)) or actions[-1])
+    loss_off, _ = run(BEST_LR, "off", seed=5)
+    loss, _ = run(BEST_LR, "rl", seed=5)
+    after = [d.action for d in actions][[d.action for d in actions].index("search_again") + 1 :]
+    assert not any(a.startswith("trial") for a in after) and loss <= loss_off * 1.01, (after, loss, loss_off)
+
+
 def test_a_short_run_from_a_too_low_start_spends_exactly_its_budget():
     """200 steps: the first segment and the climb's are 11 steps, which do not divide the budget; nothing is
     discarded from a too-low start, and the last segment stops at the end (it once ran on past it)."""
