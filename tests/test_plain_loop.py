@@ -78,31 +78,34 @@ def test_a_start_30x_too_low_is_rescued(off):
     assert loss < off[BEST_LR / 30] / 5 and spent <= 1000 * 1.1, (loss, off)
 
 
-def test_at_the_best_lr_a_comparison_on_the_early_plateau_waits(monkeypatch):
+@pytest.fixture
+def actions(monkeypatch):
+    """The controller's decisions in the runs of a test, in order."""
+    import controller
+
+    seen, step = [], controller.Controller.step
+    monkeypatch.setattr(controller.Controller, "step", lambda c, obs: seen.append(step(c, obs)) or seen[-1])
+    return seen
+
+
+def test_at_the_best_lr_a_comparison_on_the_early_plateau_waits(actions):
     """300 steps, seed 5: the first segment reads too high and its trial a decade lower wins by noise, both cooled
     losses within PLATEAU of the initial one (the network has not left its plateau): the start goes on at its lr and
     the search waits. Taking the trial's win kept this run on the plateau (0.51 against the loop alone's 0.12)."""
-    import controller
-
-    actions, step = [], controller.Controller.step
-    monkeypatch.setattr(controller.Controller, "step", lambda c, obs: actions.append(step(c, obs)) or actions[-1])
     loss_off, _ = run(BEST_LR, "off", seed=5, steps=300)
     loss, _ = run(BEST_LR, "rl", seed=5, steps=300)
     assert "plateau_wait" in [d.action for d in actions] and loss <= loss_off * 1.01, (loss, loss_off)
 
 
-def test_off_the_plateau_the_reopened_search_runs_no_trial(monkeypatch):
+def test_off_the_plateau_the_reopened_search_runs_no_trial(actions):
     """1000 steps, seed 5: after the plateau's wait the loss falls below the band and the search opens again from the
     live weights; its first segment reads too high, and it commits at the start's lr (the lr that took the loss off
     the plateau) with no trial. A trial a decade lower there won the cooled comparison (where the short horizon
     favours lower lrs) and, after a climb and an undo, ended at 0.058 against the loop alone's 0.019."""
-    import controller
-
-    actions, step = [], controller.Controller.step
-    monkeypatch.setattr(controller.Controller, "step", lambda c, obs: actions.append(step(c, obs)) or actions[-1])
     loss_off, _ = run(BEST_LR, "off", seed=5)
     loss, _ = run(BEST_LR, "rl", seed=5)
-    after = [d.action for d in actions][[d.action for d in actions].index("search_again") + 1 :]
+    names = [d.action for d in actions]
+    after = names[names.index("search_again") + 1 :]
     assert not any(a.startswith("trial") for a in after) and loss <= loss_off * 1.01, (after, loss, loss_off)
 
 
