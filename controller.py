@@ -230,9 +230,10 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      segment, then the climb (2.) or a commit at the start's lr (the start's lr took the loss off the plateau, and a
 #      comparison there runs in the phase where the short horizon favours the lower lr: at reg_sgd's best lr in 2000
 #      steps the trial a decade lower won the cooled comparison 0.16 to 0.38 and went on to end 7-10x above `off`); more
-#      than SPIKE above the initial loss (or not finite), the start was too high after all: back to the first's weights
-#      at the trial's lr (a plateau's own wobble at the best lr rose 12%: the start waits). The wait ends with the
-#      climb's share of the run (ONLINE_UNTIL);
+#      than SPIKE above the initial loss (or not finite, or blown up: the safety net leaves faults in the wait to it, at
+#      any share of the run), the start was too high after all: back to the first's weights at the trial's lr (a
+#      plateau's own wobble at the best lr rose 12%: the start waits). The wait ends with the climb's share of the run
+#      (ONLINE_UNTIL);
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      after a history's first reading by FIRST_UP_GAIN * |h| decades, at most FIRST_UP_MAX (that reading says "too
@@ -407,8 +408,10 @@ class RL(Off):
         self.reopened = False  # the search opened again off a plateau: no trial
 
     @property
-    def guarded(self):  # the safety net applies to the online phase and to the climb
-        return self.phase == "online" or self.stage == "climb"
+    def guarded(self):  # the safety net applies to the online phase and to the climb; a plateau's wait has its own
+        # (a loss above its band or not finite: back to the first's weights, which the wait keeps for that, at the
+        # trial's lr; the net, holding no slot then, could only halve the lr of weights that had blown up)
+        return (self.phase == "online" and self.waiting is None) or self.stage == "climb"
 
     def start(self, ctl):
         self.trials.append({"scale": 1.0, "raw": None, "cooled": None, "slot": "trial0"})
@@ -665,8 +668,6 @@ class RL(Off):
         phase decides."""
         init, loss, down = ctl.init_loss, obs.eval_loss, self.waiting
         self.waiting = None
-        if not measure:  # past the climb's share of the run
-            return None
         if not loss <= init * (1 + SPIKE):  # the start raised the loss as a spike would: too high after all
             ctl.lr_scale, self.history = down, 1
             action = f"plateau_rise_x{down:.3g}"
@@ -677,9 +678,11 @@ class RL(Off):
                 action=action,
                 load="first",
                 drop=drop + ("first",),
-                measure=True,
+                measure=measure,
                 phase="online",
             )
+        if not measure:  # past the climb's share of the run
+            return None
         if loss < init * (1 - PLATEAU):  # off the plateau: search again from the live weights (no trial but after a
             # blow-up), if the budget holds a trial
             if not ctl.room(obs.tokens, ctl.trial_cost(), ctl.kept):

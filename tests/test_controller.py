@@ -588,7 +588,8 @@ def test_a_comparison_on_a_plateau_waits_at_the_start():
     the band (a reading of too low neither). Below the band the search opens again from the live weights (saved as
     "init"), with no trial: a reading of too high commits at the start's lr, one of too low climbs as a history's
     first; only a first segment whose loss is not finite gets its trial (from "init"). More than SPIKE above the
-    initial loss the start was too high after all: the first's weights at the trial's lr."""
+    initial loss (or a blow-up, or a loss that is not finite) the start was too high after all: the first's weights at
+    the trial's lr."""
     init, down = 6.0, 10**-ctl.TRIAL_DOWN  # run() passes 6.0 to start()
     plateau = [(init * 0.98, 0.02), (init, None), (init * 0.99, 0.01), (init * 0.97, None)]  # the trial wins, noise
     c = rl()
@@ -613,6 +614,12 @@ def test_a_comparison_on_a_plateau_waits_at_the_start():
     rise = decisions[5]
     assert rise.action == f"plateau_rise_x{down:.3g}" and rise.load == "first" and "first" in rise.drop
     assert c.lr_scale == pytest.approx(down) and not c.slot_kept and decisions[6].action == "keep"
+    for blown in (init * 50, math.nan):  # a blow-up in the wait: the wait's way back, not the safety net's halving
+        c = rl()  # (which, holding no slot, would leave the blown-up weights in place)
+        decisions, *_ = run(c, [*plateau, (init * 1.2, 0.05), (blown, None), (init * 0.9, 0.0)])
+        rise = decisions[5]
+        assert rise.action == f"plateau_rise_x{down:.3g}" and rise.load == "first" and c.lr_scale == pytest.approx(down)
+        assert decisions[6].action == "keep" and c.policy.guarded  # the safety net again after the wait
     for first_cooled, waits in ((1.15, True), (1 + ctl.SPIKE + 0.05, False)):  # no progress; a spike's rise
         c = rl()
         decisions, *_ = run(c, [(init * 1.2, 0.05), (init * first_cooled, None), *plateau[2:]])
