@@ -634,9 +634,12 @@ class RL(Off):
         h = obs.hypergradient
         drop = ("best",) if "best" in ctl.slot_kept else ()
         cool, steps = self._final_cooldown(ctl, obs, drop + (("first",) if self.waiting is not None else ()))
-        if cool:  # (a wait that a long segment carried past the climb's share into the cooldown ends too)
+        rose = self.waiting is not None and self._rose(ctl, obs)  # (checked first: a wait guards its own faults)
+        if cool and not rose:  # (a wait that a long segment carried past the climb's share into the cooldown ends too)
             self.waiting = None
             return cool
+        if rose:  # a rise at the decision that would have started the cooldown: the wait goes back (below), and the
+            self.cool_m = None  # cooldown starts when the first's weights' history reaches it
         measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL and not self.climb_off
         if self.waiting is not None:
             wait = self._wait(ctl, obs, drop, steps, measure)
@@ -668,13 +671,13 @@ class RL(Off):
         phase decides."""
         init, loss, down = ctl.init_loss, obs.eval_loss, self.waiting
         self.waiting = None
-        if not loss <= init * (1 + SPIKE):  # the start raised the loss as a spike would: too high after all
+        if self._rose(ctl, obs):  # the start raised the loss as a spike would: too high after all
             ctl.lr_scale, self.history = down, 1
             action = f"plateau_rise_x{down:.3g}"
             return Decision(
                 down,
                 ctl.grad_accum,
-                steps=steps,
+                steps=self._to_cool(ctl, ctl.slot_kept["first"]),  # (ends where the first's history starts to cool)
                 action=action,
                 load="first",
                 drop=drop + ("first",),
@@ -702,6 +705,11 @@ class RL(Off):
         return Decision(
             ctl.lr_scale, ctl.grad_accum, steps=steps, action="wait", drop=drop, measure=True, phase="online"
         )
+
+    @staticmethod
+    def _rose(ctl, obs):
+        """In a plateau's wait: the eval loss more than SPIKE above the initial one, or not finite (a blow-up too)."""
+        return not obs.eval_loss <= ctl.init_loss * (1 + SPIKE)
 
     def _final_cooldown(self, ctl, obs, drop):
         """The last FINAL_COOL of the run: the multiplier falls linearly to 0 at the end of the weights' history, in
@@ -742,7 +750,7 @@ class RL(Off):
         of the history budget) falls inside it, so that the segment ends there; 0 (the interval) if not."""
         if not ctl.budget_tokens:
             return 0
-        end, step = ctl.history_budget(), ctl.steps_tokens(1) * ctl.grad_accum / ctl.ref_accum
+        end, step = ctl.history_budget(kept), ctl.steps_tokens(1) * ctl.grad_accum / ctl.ref_accum
         before = end - kept - FINAL_COOL * end  # tokens to the cooldown's start
         if not step or before <= 1e-9:
             return 0
@@ -1044,12 +1052,15 @@ class Controller:
             return False
         return spent + extra - kept_after <= self.search_budget * self.budget_tokens + 1e-9
 
-    def history_budget(self):
+    def history_budget(self, kept=None):
         """The tokens the final weights' history may hold: budget_tokens, less what the search discarded beyond
-        search_budget (only a restart when both lrs are too high does: by at most one trial segment), so that the
-        run never spends more than (1 + search_budget) * budget_tokens; with search_in_budget, less everything it
-        discarded (the run spends budget_tokens). A loop stops there and ends its schedule there."""
-        over = self.spent - self.kept - (0 if self.search_in_budget else self.search_budget * self.budget_tokens)
+        search_budget (a restart when both lrs are too high does, by at most one trial segment, and a plateau's wait
+        that goes back to the first's weights), so that the run never spends more than (1 + search_budget) *
+        budget_tokens; with search_in_budget, less everything it discarded (the run spends budget_tokens). A loop
+        stops there and ends its schedule there. (kept: as it will be once the decision's rollback has loaded
+        weights of that history; the current one if None.)"""
+        kept = self.kept if kept is None else kept
+        over = self.spent - kept - (0 if self.search_in_budget else self.search_budget * self.budget_tokens)
         return self.budget_tokens - max(0, over) if self.budget_tokens else self.budget_tokens
 
     def clip(self, scale):

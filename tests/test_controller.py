@@ -641,6 +641,27 @@ def test_a_wait_carried_into_the_final_cooldown_frees_its_slot():
     assert d.action == "final_cooldown" and "first" in d.drop and not c.slot_kept and c.policy.waiting is None
 
 
+@pytest.mark.parametrize("blown", [50.0, math.nan])
+def test_a_blow_up_at_the_decision_a_wait_carried_into_the_final_cooldown_goes_back_to_the_first(blown):
+    """The same carried wait, but the loss blew up (50x the initial one, or NaN) in that long segment: the wait's own
+    verdict (back to the first's weights at the trial's lr) comes before the cooldown's (it went on from the blown-up
+    weights, the safety net not guarded in a wait: only a halving a segment later); the cooldown then starts afresh on
+    the first's history."""
+    c, init = rl(budget_steps=25, search_budget=0.9), 6.0
+    d, spent = c.start(init), 0
+    for loss, h in [(init * 0.98, 0.02), (init, None), (init * 0.99, 0.01), (init * 0.97, None), (init * blown, 0.0)]:
+        spent += (d.steps or INTERVAL) * TPS
+        obs = ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens, hypergradient=h)
+        d = c.step(dataclasses.replace(obs, schedule=1.0))
+    assert d.action.startswith("plateau_rise") and d.load == "first" and c.lr_scale == pytest.approx(0.1)
+    assert c.policy.waiting is None and c.policy.cool_m is None and c.policy.guarded and not c.slot_kept
+    assert c.slot_kept == {} and d.steps == 6  # the segment ends where the first's history starts to cool (60% of
+    spent += d.steps * TPS  # a history budget of 1950 tokens: the wait's extra discard comes off the end)
+    obs = ctl.Observation(tokens=spent, eval_loss=init * 0.9, progress=c.kept / c.budget_tokens, schedule=1.0)
+    d = c.step(obs)  # the cooldown starts from the top: the multiplier falls from the trial's lr
+    assert d.action == "final_cooldown" and d.lr_at(0, d.steps) == pytest.approx(0.1) and d.fall_to == c.scale_lo
+
+
 def test_no_budget_no_trial():
     """With a search budget too small for one trial and its cooldowns, a suspicion is not followed up."""
     c = rl(search_budget=0.01)
