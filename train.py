@@ -1895,6 +1895,7 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
     elif args.controller == "off":
         policy = "Controller off: the lr follows the schedule alone"
     recompute = ", activation checkpointing" if accelerator.unwrap_model(model).is_activation_checkpointing else ""
+    epochs = state.budget / (len(train_dl.dataset) * args.block_size)
     accelerator.print(
         "***** Running training *****\n"
         f"  Model parameters = {n_params / 1e6:.2f}M, train blocks = {len(train_dl.dataset)}, "
@@ -1902,7 +1903,7 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         f"  Micro batch per device = {micro} x processes = {world} x accumulation = {gas} -> effective batch = "
         f"{micro * world * gas} sequences = {gas * micro_tokens} tokens/step\n"
         f"  Budget = {state.budget // (gas * micro_tokens)} steps at the starting batch = {state.budget:,} tokens = "
-        f"{state.budget / (len(train_dl.dataset) * args.block_size):.3g} epochs; "
+        f"{epochs:.3g} epochs; "
         f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}, precision {args.mixed_precision}{recompute}\n"
         f"  {policy}"
     )
@@ -1913,6 +1914,12 @@ def print_banner(args, accelerator, model, train_dl, eval_dl, state, slots, micr
         accelerator.print(
             "  Note: rl was measured with a warmup; without one it kept a 3x too-high start and ended worse than "
             "--controller off (docs/experiments/README.md, 'A constant lr schedule')"
+        )
+    if args.controller == "rl" and epochs > 4 and args.max_lr is None:
+        accelerator.print(
+            f"  Note: the budget repeats the data {epochs:.3g} times: rl climbs to the lr that lowers the training "
+            "loss fastest, which then overfits (8 epochs: 3.6% above --controller off; 4 epochs: even; docs/"
+            "experiments/README.md, 'Fine-tuning on little text'): cap it with --max_lr, or run --controller off"
         )
 
 

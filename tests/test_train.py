@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,6 +251,20 @@ def test_rl_without_warmup_says_it_was_not_measured_there(tmp_path, flags):
     p = launch(TINY + ["--output_dir", str(tmp_path / "run"), "--max_train_steps", "4", *flags])
     assert "Note: rl was measured with a warmup;" in p.stdout
     assert ("rl cools the lr down over the last 20%" in p.stdout) == (flags[0] == "--lr_scheduler_type")
+    assert "repeats the data" not in p.stdout  # (a small share of one epoch)
+
+
+def test_rl_on_data_repeated_many_times_says_it_overfits_unless_capped(tmp_path, text_files):
+    """A budget of more than 4 epochs: the banner says what rl did there (8 epochs: +3.6%) and how to cap it; a
+    --max_lr given says the user has."""
+    small = tmp_path / "small.txt"
+    small.write_text(Path(text_files[0]).read_text()[:600])  # ~19 blocks of 32 bytes: 24 steps of 4 are ~5 epochs
+    common = TINY + ["--train_file", str(small), "--validation_file", text_files[1], "--max_train_steps", "24"]
+    p = launch(common + ["--output_dir", str(tmp_path / "run")])
+    epochs = float(re.search(r"= ([0-9.]+) epochs;", p.stdout).group(1))
+    assert epochs > 4 and f"Note: the budget repeats the data {epochs:.3g} times" in p.stdout, p.stdout[-2000:]
+    p = launch(common + ["--output_dir", str(tmp_path / "capped"), "--max_lr", "3e-3"])
+    assert "repeats the data" not in p.stdout
 
 
 def test_rl_cools_a_flat_schedule_down_at_the_end(tmp_path):
