@@ -640,7 +640,7 @@ class RL(Off):
             return cool
         if rose:  # a rise at the decision that would have started the cooldown: the wait goes back (below), and the
             self.cool_m = None  # cooldown starts when the first's weights' history reaches it
-        measure = self.mode == "gradient" and obs.progress < ONLINE_UNTIL and not self.climb_off
+        measure = self._measures(obs.progress)
         if self.waiting is not None:
             wait = self._wait(ctl, obs, drop, steps, measure)
             if wait:
@@ -674,14 +674,15 @@ class RL(Off):
         if self._rose(ctl, obs):  # the start raised the loss as a spike would: too high after all
             ctl.lr_scale, self.history = down, 1
             action = f"plateau_rise_x{down:.3g}"
+            kept = ctl.slot_kept["first"]  # the segment's length and measurement: from the first's history
             return Decision(
                 down,
                 ctl.grad_accum,
-                steps=self._to_cool(ctl, ctl.slot_kept["first"]),  # (ends where the first's history starts to cool)
+                steps=self._to_cool(ctl, kept),  # (it ends where that history starts to cool)
                 action=action,
                 load="first",
                 drop=drop + ("first",),
-                measure=measure,
+                measure=self._measures(kept / ctl.budget_tokens if ctl.budget_tokens else obs.progress),
                 phase="online",
             )
         if not measure:  # past the climb's share of the run
@@ -705,6 +706,10 @@ class RL(Off):
         return Decision(
             ctl.lr_scale, ctl.grad_accum, steps=steps, action="wait", drop=drop, measure=True, phase="online"
         )
+
+    def _measures(self, progress):
+        """Whether the online phase measures the next segment (the climb goes on) at this share of the run."""
+        return self.mode == "gradient" and progress < ONLINE_UNTIL and not self.climb_off
 
     @staticmethod
     def _rose(ctl, obs):

@@ -650,11 +650,14 @@ def test_a_blow_up_at_the_decision_a_wait_carried_into_the_final_cooldown_goes_b
     c, init = rl(budget_steps=25, search_budget=0.9), 6.0
     d, spent = c.start(init), 0
     for loss, h in [(init * 0.98, 0.02), (init, None), (init * 0.99, 0.01), (init * 0.97, None), (init * blown, 0.0)]:
-        spent += (d.steps or INTERVAL) * TPS
-        obs = ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens, hypergradient=h)
-        d = c.step(dataclasses.replace(obs, schedule=1.0))
+        window = (d.steps or INTERVAL) * TPS
+        spent += window
+        progress = (c.kept + window) / c.budget_tokens  # (the last one 0.8: past the climb's share)
+        obs = ctl.Observation(tokens=spent, eval_loss=loss, progress=progress, hypergradient=h, schedule=1.0)
+        d = c.step(obs)
     assert d.action.startswith("plateau_rise") and d.load == "first" and c.lr_scale == pytest.approx(0.1)
     assert c.policy.waiting is None and c.policy.cool_m is None and c.policy.guarded and not c.slot_kept
+    assert d.measure  # the first's history is at 40% of the run, inside the climb's share: the segment is measured
     assert c.slot_kept == {} and d.steps == 6  # the segment ends where the first's history starts to cool (60% of
     spent += d.steps * TPS  # a history budget of 1950 tokens: the wait's extra discard comes off the end)
     obs = ctl.Observation(tokens=spent, eval_loss=init * 0.9, progress=c.kept / c.budget_tokens, schedule=1.0)
