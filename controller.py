@@ -634,7 +634,9 @@ class RL(Off):
         h = obs.hypergradient
         drop = ("best",) if "best" in ctl.slot_kept else ()
         cool, steps = self._final_cooldown(ctl, obs, drop + (("first",) if self.waiting is not None else ()))
-        rose = self.waiting is not None and self._rose(ctl, obs)  # (checked first: a wait guards its own faults)
+        # in a wait: the loss more than SPIKE above the initial one or not finite (a blow-up too), checked before the
+        # cooldown's verdict: a wait guards its own faults
+        rose = self.waiting is not None and not obs.eval_loss <= ctl.init_loss * (1 + SPIKE)
         if cool and not rose:  # (a wait that a long segment carried past the climb's share into the cooldown ends too)
             self.waiting = None
             return cool
@@ -642,7 +644,7 @@ class RL(Off):
             self.cool_m = None  # cooldown starts when the first's weights' history reaches it
         measure = self._measures(obs.progress)
         if self.waiting is not None:
-            wait = self._wait(ctl, obs, drop, steps, measure)
+            wait = self._wait(ctl, obs, drop, steps, measure, rose)
             if wait:
                 return wait
             drop += ("first",)  # the wait is over: the online phase decides
@@ -666,12 +668,12 @@ class RL(Off):
             ctl.lr_scale, ctl.grad_accum, steps=steps, action="keep", drop=drop, measure=measure, phase="online"
         )
 
-    def _wait(self, ctl, obs, drop, steps, measure):
+    def _wait(self, ctl, obs, drop, steps, measure, rose):
         """After a comparison on a plateau (see the top): the decision, or None when the wait is over and the online
-        phase decides."""
+        phase decides. rose: the loss left the band upwards (or is not finite)."""
         init, loss, down = ctl.init_loss, obs.eval_loss, self.waiting
         self.waiting = None
-        if self._rose(ctl, obs):  # the start raised the loss as a spike would: too high after all
+        if rose:  # the start raised the loss as a spike would: too high after all
             ctl.lr_scale, self.history = down, 1
             action = f"plateau_rise_x{down:.3g}"
             kept = ctl.slot_kept["first"]  # the segment's length and measurement: from the first's history
@@ -710,11 +712,6 @@ class RL(Off):
     def _measures(self, progress):
         """Whether the online phase measures the next segment (the climb goes on) at this share of the run."""
         return self.mode == "gradient" and progress < ONLINE_UNTIL and not self.climb_off
-
-    @staticmethod
-    def _rose(ctl, obs):
-        """In a plateau's wait: the eval loss more than SPIKE above the initial one, or not finite (a blow-up too)."""
-        return not obs.eval_loss <= ctl.init_loss * (1 + SPIKE)
 
     def _final_cooldown(self, ctl, obs, drop):
         """The last FINAL_COOL of the run: the multiplier falls linearly to 0 at the end of the weights' history, in
