@@ -5,7 +5,8 @@ tests/test_plain_loop.py, with Adam or SGD + momentum 0.9), reg_ovf (its target 
 dimensions, a wider network, Adam: the validation loss falls to about 0.02, then rises as it overfits), tfm (a
 2-layer causal transformer on the characters of Python's own `typing.py`, AdamW with weight decay 0.1); and four loops
 added after the controller's constants were set, as a check on loops it was not tuned on: cnn, linreg, relu_reg, ae
-(`fresh()`). The data are fixed; the seed sets the initialisation.
+(`fresh()`); and two held out from every constant (2026-12-05): spiral, mf (`held_out()`). The data are fixed; the seed
+sets the initialisation.
 
     python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|cosine0|constant|wsd]
     python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
@@ -97,6 +98,8 @@ def make(task, seed):
         return transformer()
     if task in ("cnn", "linreg", "relu_reg", "ae"):
         return fresh(task)
+    if task in ("spiral", "mf"):
+        return held_out(task)
     # lstm: a synthetic grammar of nested brackets and words
     V, T = 16, 64
 
@@ -200,6 +203,64 @@ def fresh(task):
     return supervised(model, True, nn.functional.mse_loss, X[:8192], X[:8192], X[8192:], X[8192:], 64)
 
 
+def held_out(task):
+    """Two loops added on 2026-12-05, after every constant was set, as a check on optimizers and layers the others lack:
+    spiral (a 3-arm spiral, an MLP with BatchNorm, SGD with Nesterov momentum 0.9 and weight decay 5e-4, evaluated in
+    eval mode) and mf (a rank-8 matrix of noisy ratings factorised by user and item embeddings with biases, RMSprop)."""
+    g = torch.Generator().manual_seed(4321)
+    nn = torch.nn
+    if task == "spiral":
+
+        def draw(n):
+            y = torch.randint(0, 3, (n,), generator=g)
+            r = torch.rand(n, generator=g)
+            t = r * 3 * math.pi + y * 2 * math.pi / 3 + 0.3 * torch.randn(n, generator=g)
+            return torch.stack([r * torch.cos(t), r * torch.sin(t)], 1), y
+
+        (x, y), (xv, yv) = draw(8192), draw(2048)
+        model = nn.Sequential(
+            nn.Linear(2, 128), nn.BatchNorm1d(128), nn.ReLU(),
+            nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 3),
+        )  # fmt: skip
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        out = supervised(model, True, nn.functional.cross_entropy, x, y, xv, yv, 64, opt=opt)
+
+        def evaluate():  # the running statistics, as a BatchNorm model is evaluated
+            model.eval()
+            try:
+                return out[3]()
+            finally:
+                model.train()
+
+        return (*out[:3], evaluate, *out[4:])
+    U, k, n = 512, 8, 32768 + 4096  # mf
+    A, B = torch.randn(U, k, generator=g), torch.randn(U, k, generator=g)
+    x = torch.randint(0, U, (n, 2), generator=g)
+    y = ((A[x[:, 0]] * B[x[:, 1]]).sum(1, keepdim=True) / math.sqrt(k)) + 0.5 * torch.randn(n, 1, generator=g)
+
+    class MF(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.u, self.i, self.bu, self.bi = (
+                nn.Embedding(U, 16),
+                nn.Embedding(U, 16),
+                nn.Embedding(U, 1),
+                nn.Embedding(U, 1),
+            )
+            for e in (self.u, self.i):
+                nn.init.normal_(e.weight, std=0.1)
+            for e in (self.bu, self.bi):
+                nn.init.zeros_(e.weight)
+
+        def forward(self, x):
+            u, i = x[:, 0], x[:, 1]
+            return (self.u(u) * self.i(i)).sum(1, keepdim=True) + self.bu(u) + self.bi(i)
+
+    model = MF()
+    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+    return supervised(model, False, nn.functional.mse_loss, x[:32768], y[:32768], x[32768:], y[32768:], 128, opt=opt)
+
+
 def transformer():
     """A 2-layer causal transformer (64 wide, 4 heads, pre-norm) on the characters of this Python's typing.py
     (the last tenth held out), AdamW (weight decay 0.1), batches of 16 x 64 characters in a fixed order."""
@@ -266,6 +327,23 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
     schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
+    tasks = [
+        "mlp_adam",
+        "mlp_sgd",
+        "lstm",
+        "reg_adam",
+        "reg_sgd",
+        "reg_ovf",
+        "tfm",
+        "cnn",
+        "linreg",
+        "relu_reg",
+        "ae",
+        "spiral",
+        "mf",
+    ]
+    if task not in tasks:
+        sys.exit(f"plain_tasks.py: error: TASK must be one of {', '.join(tasks)}, got {task!r}")
     if schedule not in ("cosine", "cosine0", "constant", "wsd"):
         sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, cosine0, constant or wsd, got {schedule!r}")
     os.makedirs(out, exist_ok=True)
