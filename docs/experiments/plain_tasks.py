@@ -227,16 +227,18 @@ def held_out(task):
             nn.Linear(128, 128), nn.BatchNorm1d(128), nn.ReLU(), nn.Linear(128, 3),
         )  # fmt: skip
         opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, nesterov=True, weight_decay=5e-4)
-        out = supervised(model, True, nn.functional.cross_entropy, x, y, xv, yv, 64, opt=opt)
+        model, opt, batch, train_mode_eval, loss_fn, bs = supervised(
+            model, True, nn.functional.cross_entropy, x, y, xv, yv, 64, opt=opt
+        )
 
         def evaluate():  # the running statistics, as a BatchNorm model is evaluated
             model.eval()
             try:
-                return out[3]()
+                return train_mode_eval()
             finally:
                 model.train()
 
-        return (*out[:3], evaluate, *out[4:])
+        return model, opt, batch, evaluate, loss_fn, bs
     U, k, n = 512, 8, 32768 + 4096  # mf
     A, B = torch.randn(U, k, generator=g), torch.randn(U, k, generator=g)
     x = torch.randint(0, U, (n, 2), generator=g)
