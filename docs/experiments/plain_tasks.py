@@ -76,6 +76,8 @@ def sequences(model, data, val, V, T, bs, weight_decay):
 
 
 def make(task, seed):
+    if task not in TASKS:  # (else it would fall through to the LSTM below)
+        raise ValueError(f"unknown task {task!r}: one of {', '.join(TASKS)}")
     g = torch.Generator().manual_seed(1234)  # the data: fixed across seeds
     torch.manual_seed(seed)
     if task in ("mlp_adam", "mlp_sgd"):
