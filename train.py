@@ -195,9 +195,11 @@ def parse_args(argv=None):
     a("--max_lr", type=float, help="Highest lr the controller may set (default: learning_rate*100).")
     a("--min_gradient_accumulation_steps", type=int, help="Lowest accumulation it may set (default: the starting one).")
     a("--max_gradient_accumulation_steps", type=int, help="Highest accumulation it may set (default: 4x the first).")
-    args = p.parse_args(argv)
+    return with_derived_defaults(p.parse_args(argv))
 
-    # derived values, right after parsing
+
+def with_derived_defaults(args):
+    """The defaults that depend on other flags (or on the launcher), filled right after parsing."""
     if args.max_train_steps is None:  # a budget in epochs when only they are given, else the default run's 400 steps
         args.max_train_steps = 0 if args.num_train_epochs is not None else 400
     if args.num_train_epochs is None:
