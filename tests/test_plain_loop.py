@@ -27,7 +27,7 @@ def cosine(steps):
     return lambda frac: min(1.0, (steps * frac + 1) / 31) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
-def run(base_lr, policy, seed=0, steps=1000, schedule=None, env=None, poison=()):
+def run(base_lr, policy, seed=0, steps=1000, schedule=None, env=None, poison=(), make_opt=None):
     torch.manual_seed(seed)
     x, w = torch.randn(4096, 16), torch.randn(16, 1)
     y = torch.sin(x @ w) + 0.1 * torch.randn(4096, 1)
@@ -49,7 +49,7 @@ def run(base_lr, policy, seed=0, steps=1000, schedule=None, env=None, poison=())
     env = env if env is not None else {}
     env |= {
         "model": model,
-        "opt": torch.optim.Adam(model.parameters(), lr=base_lr),
+        "opt": make_opt(model, base_lr) if make_opt else torch.optim.Adam(model.parameters(), lr=base_lr),
         "base_lr": base_lr,
         "steps": steps,
         "tokens_per_step": 32,
@@ -148,6 +148,23 @@ def test_a_flat_schedule_ends_in_the_controllers_cooldown():
     committed = BEST_LR * flat["c"].lr_scale
     assert 0 < flat["opt"].param_groups[0]["lr"] < committed / 10 and flat["c"].policy.cool_m == 0
     assert cos["c"].policy.cool_m is None
+
+
+def test_each_param_group_keeps_its_own_lr(actions):
+    """An optimizer whose param groups have their own lrs (the output layer at a tenth here): the snippet scales each
+    group's lr by the controller's multiplier, so the groups keep their ratio through the search and its rollbacks."""
+    env = {}
+
+    def two_groups(model, lr):
+        return torch.optim.Adam(
+            [{"params": model[:-1].parameters()}, {"params": model[-1].parameters(), "lr": lr / 10}], lr=lr
+        )
+
+    loss, _ = run(BEST_LR * 10, "rl", steps=300, env=env, make_opt=two_groups)
+    first, last = (g["lr"] for g in env["opt"].param_groups)
+    assert math.isfinite(loss) and first > 0 and last == pytest.approx(first / 10, rel=1e-9), (first, last)
+    names = [d.action for d in actions]
+    assert any(a.startswith("trial") for a in names) and any(d.load for d in actions), names  # a trial, a rollback
 
 
 @pytest.mark.parametrize("chunk", [1 << 16, 7])
