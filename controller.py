@@ -241,7 +241,13 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      -0.09 or lower), after later ones by UP_GAIN * |h|, at most UP_MAX, with the weights from before the move kept
 #      as slot "best" for the safety net; nothing is discarded. A climb's segments are as long as the first segment
 #      (shorter in a short run, whose first segment and trial are shortened to fit the search budget: a climb of 1.5
-#      decades takes four readings, which at 20 steps took 45% of a 200-step run);
+#      decades takes four readings, which at 20 steps took 45% of a 200-step run). In such a shortened search the
+#      first segment's reading comes early (steps 5-8 of 150, inside train.py's 10-step warmup), where a good start
+#      reads too low as well (the default task in 150 steps: -0.12 at lr*, -0.21 at lr*/10, and the move it made
+#      cost 11% against `off`; at batch 64 in 100 steps 14%): a first reading of too low there is taken again over one
+#      more segment at the same lr before anything moves (that reading is the history's first). Not in a run too
+#      short for a trial (under 90 steps at 10%), whose 5-step segments are a twelfth of it: on 13 plain loops at 60
+#      steps the second look lost more than it saved (76 runs higher, 20 lower, no good start mended);
 #   3. when h no longer says too low right after a move up, one more step up, as far as the climb went and at most
 #      PAST_STEP decades (a climb of one weak reading's small move steps past as little; the greedy measure
 #      favours lower lrs than the best constant lr once the early plateau is over, so the point where h turns is
@@ -535,6 +541,17 @@ class RL(Off):
                 # no trial to settle it (a short run), but the first segment blew up and discarding it fits the
                 # search budget: a decade lower from the initial weights, uncompared (see the top)
                 return self._restart(ctl, down, "restart_down", ("init",), steps=ctl.trial_segment())
+            if reads_too_low(h) and ctl.shortened and ctl.trial_fits:  # an early first reading: again (see 2.)
+                self.history = 0
+                return Decision(
+                    ctl.lr_scale,
+                    ctl.grad_accum,
+                    steps=ctl.trial_segment(),
+                    action="measure_again",
+                    drop=("init",),
+                    measure=True,
+                    phase="search",
+                )
             return self._climb(ctl, h, drop=("init",))
         if self.stage == "cool_first":
             self.first["cooled"], self.stage = loss, "trial"
@@ -893,6 +910,7 @@ class Controller:
             limit = search_budget * budget_tokens / tokens_per_step  # steps the search may discard
         while self.trial_steps > MIN_TRIAL and self.trial_steps + 2 * cooldown_steps(self.trial_steps) > limit:
             self.trial_steps -= 1
+        self.shortened = self.trial_steps < trial_steps  # a short run: its first reading comes early
         self.cool_steps = cooldown_steps(self.trial_steps)
         self.trial_fits = self.trial_steps + 2 * self.cool_steps <= limit
         self.init_loss = None  # the initial weights' eval loss, if read (start())

@@ -480,12 +480,38 @@ def test_a_short_run_climbs_in_segments_as_short_as_its_first():
     not the interval (a climb of four readings took 45% of a 200-step fine-tuning run at the interval's length); the
     run after the commit goes back to the interval. A run whose first segment is the interval climbs as before."""
     c = rl(budget_steps=100, tokens_per_step=TPS)
-    decisions, spent, kept = run(c, [(4.5, -0.12), (4.0, -0.12), (3.0, -0.01), (2.8, -0.005), (2.7, -0.005)])
-    assert [d.action[:4] for d in decisions] == ["up_x", "up_x", "past", "comm", "keep"]
-    assert [d.steps for d in decisions[:3]] == [c.trial_steps] * 3 and c.trial_steps < INTERVAL
-    assert decisions[3].steps == 0 and spent == kept == (4 * c.trial_steps + INTERVAL) * TPS
+    script = [(4.5, -0.12), (4.2, -0.12), (4.0, -0.12), (3.0, -0.01), (2.8, -0.005), (2.7, -0.005)]
+    decisions, spent, kept = run(c, script)
+    assert [d.action[:4] for d in decisions] == ["meas", "up_x", "up_x", "past", "comm", "keep"]
+    assert [d.steps for d in decisions[:4]] == [c.trial_steps] * 4 and c.trial_steps < INTERVAL
+    assert decisions[4].steps == 0 and spent == kept == (5 * c.trial_steps + INTERVAL) * TPS
     c = rl()
     assert all(d.steps == 0 for d in run(c, [(4.5, -0.12), (4.0, -0.12), (3.0, -0.01)])[0])
+
+
+def test_a_short_runs_first_reading_of_too_low_is_taken_again_before_the_lr_moves():
+    """A short run's first segment, shortened to fit a trial in the search budget, is read early (steps 5-8 of a
+    150-step run: in train.py's 10-step warmup), where "too low" is what a good start reads too (the default task in
+    150 steps: -0.12 at lr*, -0.21 at lr*/10): it measures one more segment at the same lr, the initial weights freed,
+    and only that reading moves the lr, as a history's first (capped at FIRST_UP_MAX). A first reading that is not too
+    low decides as before, and so does a run whose segments were not shortened (here: asked for as 10 steps) or one too
+    short for a trial (60 steps: its 5-step segments are a twelfth of the run; a second look lost more
+    than it saved)."""
+    c = rl(budget_steps=150, tokens_per_step=TPS)
+    assert c.trial_steps < INTERVAL
+    decisions, spent, kept = run(c, [(4.2, -0.12), (3.3, 0.01), (3.1, 0.0)])
+    assert [d.action for d in decisions] == ["measure_again", "commit", "keep"]
+    assert decisions[0].steps == c.trial_steps and decisions[0].measure and "init" in decisions[0].drop
+    assert c.lr_scale == 1.0 and spent == kept  # nothing discarded, the lr where the user put it
+    c = rl(budget_steps=150, tokens_per_step=TPS)
+    decisions, *_ = run(c, [(5.2, -0.21), (4.8, -0.16), (4.2, -0.15)])
+    assert [d.action[:4] for d in decisions] == ["meas", "up_x", "up_x"]
+    assert decisions[1].lr_scale == pytest.approx(10**ctl.FIRST_UP_MAX)  # capped as a history's first reading
+    c = rl(budget_steps=150, tokens_per_step=TPS)
+    assert run(c, [(4.2, -0.01), (3.3, 0.0)])[0][0].action == "commit"  # not too low (nor too high)
+    assert run(rl(), [(4.2, -0.12)])[0][0].action.startswith("up_x")
+    short = rl(budget_steps=60, tokens_per_step=TPS)  # no trial fits: the first reading moves the lr, as before
+    assert not short.trial_fits and run(short, [(4.2, -0.12)])[0][0].action.startswith("up_x")
 
 
 def test_a_suspicion_that_the_trial_does_not_confirm_keeps_the_start():
