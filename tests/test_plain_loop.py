@@ -205,3 +205,20 @@ def test_gradient_probe_reads_the_cosines_it_defines(opt_cls, chunk, monkeypatch
     assert -1 < h < 1 and -1 < align < 1 and h != 0 and not probe.active
     if opt_cls is torch.optim.SGD:
         assert h == pytest.approx(-align, abs=1e-5)
+
+
+def test_the_experiments_plain_loops_train_at_the_lr_they_are_given():
+    """docs/experiments/plain_tasks.py runs this snippet on its loops, whose optimizers are built at a fixed lr: the
+    snippet scales each group's own lr, so the script sets every group to the lr it is given first (it once trained
+    every lr of a sweep at the optimizer's built-in one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plain_tasks", os.path.join(ROOT, "docs/experiments/plain_tasks.py"))
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    made, make = [], tasks.make
+    tasks.make = lambda *args: made.append(make(*args)) or made[-1]  # keep each loop's optimizer to look at
+    losses = [tasks.run("linreg", lr, "off", 0, 20)[0] for lr in (1e-4, 3e-2)]
+    last = tasks.schedule_fn("cosine", 20)(19 / 20)  # the loop's factor at its last step
+    assert [[g["lr"] for g in m[1].param_groups] for m in made] == [[pytest.approx(lr * last)] for lr in (1e-4, 3e-2)]
+    assert losses[0] != losses[1]

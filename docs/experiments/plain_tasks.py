@@ -315,6 +315,8 @@ def schedule_fn(kind, steps):
 
 def run(task, base_lr, policy, seed, steps, schedule="cosine"):
     model, opt, batch, evaluate, loss_fn, tps = make(task, seed)
+    for g in opt.param_groups:  # the snippet scales each group's own lr: every group starts at base_lr
+        g["lr"] = base_lr
     env = {
         "model": model,
         "opt": opt,
