@@ -247,7 +247,15 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      cost 11% against `off`; at batch 64 in 100 steps 14%): a first reading of too low there is taken again over one
 #      more segment at the same lr before anything moves (that reading is the history's first). Not in a run too
 #      short for a trial (under 90 steps at 10%), whose 5-step segments are a twelfth of it: on 13 plain loops at 60
-#      steps the second look lost more than it saved (76 runs higher, 20 lower, no good start mended);
+#      steps the second look lost more than it saved (76 runs higher, 20 lower, no good start mended). In any run a
+#      weak first reading (one that moves the lr less than the cap: h above -FIRST_UP_MAX / FIRST_UP_GAIN = -0.1) is
+#      taken again too: there the good starts read (8 language models -0.015..-0.066; pydocs in 1600 steps
+#      -0.053..-0.094, whose climb to 1.9-2.9x its best lr delayed its plateau's breakout: +7.9% against `off` over 5
+#      seeds), and 46 of 48 starts from below read -0.1 or lower (a clear reading climbs at once: taken again, the
+#      regression networks' readings of -0.47 read too high the next segment and the run stayed 30x too low). A
+#      weak first reading whose second look raised the eval loss more than UNDO_RISE ends the climb, online too, as an
+#      undone move does (the test's regression loop at its best lr: -0.015, a second look 11% higher, then an online
+#      move up on -0.022 cost 5.8%; before, the same weak first move was undone);
 #   3. when h no longer says too low right after a move up, one more step up, as far as the climb went and at most
 #      PAST_STEP decades (a climb of one weak reading's small move steps past as little; the greedy measure
 #      favours lower lrs than the best constant lr once the early plateau is over, so the point where h turns is
@@ -381,7 +389,9 @@ class RL(Off):
     is then between the two, and the comparison favours the higher lr), unless it lost by more than SPIKE to a start
     that read within LOW_H of 0 (a suspicion no clear reading carried); a comparison on a plateau (both cooled losses
     between 1 - PLATEAU and 1 + SPIKE times the initial one) is noise: the start goes on and the search waits. Up only
-    from the live weights, while h says too low (a too-low lr does no damage), then one step past where it stopped
+    from the live weights, while h says too low (a too-low lr does no damage; a first reading that says so weakly, or
+    early in a short run, is taken again over one more segment before the lr moves; a weak one whose second look raises
+    the loss ends the climb), then one step past where it stopped
     saying so (under a flat schedule a probe only: the commit goes back below it), then commit. At a good start no
     trial runs and nothing is discarded.
 
@@ -403,6 +413,7 @@ class RL(Off):
         self.move = None  # (from, to): the last move up, its verdict pending (slot "best" holds the weights at "from")
         self.moved_from = [None, None]  # the lr scale before the previous move up and before the last one
         self.climb_off = False  # a move up was punished: no more moves up
+        self.again = False  # the last decision took a weak first reading again (measure_again)
         self.past_from = None  # the lr scale before a step past that awaits its verdict
         self.first, self.trial, self.trial_scale = None, None, None
         self.trials, self.segment = [], "trial"  # the trial search's state
@@ -541,8 +552,9 @@ class RL(Off):
                 # no trial to settle it (a short run), but the first segment blew up and discarding it fits the
                 # search budget: a decade lower from the initial weights, uncompared (see the top)
                 return self._restart(ctl, down, "restart_down", ("init",), steps=ctl.trial_segment())
-            if reads_too_low(h) and ctl.shortened and ctl.trial_fits:  # an early first reading: again (see 2.)
-                self.history = 0
+            # a first reading of too low, early (a shortened run) or weak (it moves the lr less than the cap): again
+            if reads_too_low(h) and (ctl.shortened or up_factor(h, 1) < 10**FIRST_UP_MAX) and ctl.trial_fits:
+                self.history, self.again = 0, not ctl.shortened
                 return Decision(
                     ctl.lr_scale,
                     ctl.grad_accum,
@@ -589,6 +601,10 @@ class RL(Off):
             d = self._climb(ctl, win["h"], load=win["slot"], drop=drop)
             d.action = f"pick_x{win['scale']:.3g}" + ("" if d.action in ("keep", "commit") else "_then_" + d.action)
             return d
+        rose = loss is not None and self.first and self.first["raw"] and loss > self.first["raw"] * (1 + UNDO_RISE)
+        if self.again and rose:  # a weak first reading's second look raised the loss at the same lr, as an undone
+            self.climb_off = True  # move would: no moves up, online either
+        self.again = False
         flat = obs.schedule is not None and obs.schedule == self.schedule_seen and ctl.kept != self.schedule_kept
         return self._climb(ctl, h, flat=flat)
 
