@@ -276,7 +276,8 @@ PAST_STEP = 0.25  # decades up past the point where a climb ends
 # SPIKE above it) was made on a plateau
 PLATEAU = 0.1
 UNDO_RISE = 0.05  # a move up after which the eval loss rose this much (relative) is undone, and the climb ends;
-# the lr goes back to where it was before the previous move up too (the readings that took it up ran high)
+# the lr goes back to where it was before the previous move up too (the readings that took it up ran high); a weak
+# first reading's second look (at the same lr) that rose this much ends the climb as well
 ONLINE_UNTIL = 0.5  # online, the climb goes on through this share of the run
 # the final cooldown: when the loop's own schedule (Observation.schedule) is flat at the end (a constant lr, a warmup +
 # constant, a step schedule between its steps), the multiplier falls linearly over the last FINAL_COOL of the run, to
@@ -601,9 +602,8 @@ class RL(Off):
             d = self._climb(ctl, win["h"], load=win["slot"], drop=drop)
             d.action = f"pick_x{win['scale']:.3g}" + ("" if d.action in ("keep", "commit") else "_then_" + d.action)
             return d
-        rose = loss is not None and self.first and self.first["raw"] and loss > self.first["raw"] * (1 + UNDO_RISE)
-        if self.again and rose:  # a weak first reading's second look raised the loss at the same lr, as an undone
-            self.climb_off = True  # move would: no moves up, online either
+        if self.again and loss is not None and loss > (self.first["raw"] or math.inf) * (1 + UNDO_RISE):
+            self.climb_off = True  # a weak first reading's second look raised the loss at the same lr: as an undo
         self.again = False
         flat = obs.schedule is not None and obs.schedule == self.schedule_seen and ctl.kept != self.schedule_kept
         return self._climb(ctl, h, flat=flat)
