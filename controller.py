@@ -967,7 +967,8 @@ class Controller:
         right after it (or in the segment after the commit that ends a climb: slot "best" is still held), which also
         rolls back to the weights from before it (once; twice in a row when they come back damaged: a non-finite or
         blown-up loss); and so does a blow-up, a finite divergence whoever set the lr: an eval loss above BLOWUP x the
-        best of the weights' history (since the last load) and above the first eval loss read."""
+        best of the weights' history (since the last load) and above the first eval loss read, unless it fell since the
+        safety net halved the lr with no slot to go back to (the weights recover at the halved lr: it holds)."""
         if self.pending is None:
             raise RuntimeError("Controller.step() before Controller.start(): call start() once before training")
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
@@ -1006,7 +1007,7 @@ class Controller:
         self.decisions += 1
         unread = callable(obs.eval_loss) and not self.policy.guarded and self.policy.skips_loss(self, obs, nonfinite)
         if unread:  # no evaluation: no reward, no new best, and (unguarded) no safety verdict
-            loss, reward, fault = None, 0.0, nonfinite
+            loss, reward, fault, recovering = None, 0.0, nonfinite, False
             obs = dataclasses.replace(obs, eval_loss=None)
         else:
             loss = float(obs.eval_loss() if callable(obs.eval_loss) else obs.eval_loss)  # read now if a function
@@ -1021,7 +1022,11 @@ class Controller:
             spike = "best" in self.slot_kept and loss > self.slot_loss["best"] * (1 + SPIKE)
             blowup = self.first_loss is not None and loss > max(BLOWUP * self.line_best, self.first_loss)
             finite = math.isfinite(loss) and not nonfinite
-            fault = not finite or spike or blowup
+            # a blow-up whose loss falls after the safety net halved the lr with no slot to go back to: the halved lr
+            # holds, the weights recover; halving again would only slow that (to the lr's lower bound)
+            held = self.pending.phase == "safety" and not self.pending.load and self.last_loss is not None
+            recovering = blowup and finite and not spike and held and loss < self.last_loss
+            fault = not finite or spike or (blowup and not recovering)
             if finite:
                 self.first_loss = loss if self.first_loss is None else self.first_loss
                 self.line_best = min(self.line_best, loss)
@@ -1029,7 +1034,9 @@ class Controller:
                 self.best, self.since_best = loss, 0
             else:
                 self.since_best += 1
-        if self.policy.guarded and fault:
+        if self.policy.guarded and recovering:
+            d = Decision(self.lr_scale, self.grad_accum, action="recover", phase="safety")
+        elif self.policy.guarded and fault:
             self.lr_scale = self.clip(self.lr_scale * SAFETY_LR_FACTOR)
             if spike:  # a move up punished harder than an undo: its lr goes back at least as far
                 self.lr_scale = self.policy.punished(self.lr_scale)

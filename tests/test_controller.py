@@ -881,6 +881,24 @@ def test_a_blow_up_halves_the_lr_whoever_set_it_but_a_late_rise_near_zero_does_n
     assert "rollback" not in actions[:5] + actions[7:] and actions[5:7] == ["rollback"] * 2, actions
 
 
+def test_a_blow_up_that_falls_at_the_halved_lr_is_not_halved_again():
+    """A blow-up with no slot to go back to halves the lr; while the next readings fall (still above the blow-up
+    line) the halved lr holds and the weights recover. Halving at each reading took a plain loop (a ReLU regression
+    from 30x its best lr in 2000 steps) from 3128 -> 238 -> 50 -> ... -> 7 with the lr pinned at its lower bound
+    (1/100): it ended at 5.8 where `off` ends at 0.26. A reading that rises again halves it again."""
+    c = make("plateau")
+    c.start()
+    losses = [1.0, 0.3, 0.02, 0.06, 0.9, 1.5, 2.5, 2.0, 1.8, 1.9, 1.7, 0.5]
+    actions, scales = [], []
+    for i, x in enumerate(losses):
+        actions.append(c.step({"tokens": 1000 * (i + 1), "eval_loss": x}).action)
+        scales.append(c.lr_scale)
+    assert actions[5:11] == ["rollback", "rollback", "recover", "recover", "rollback", "recover"], actions
+    assert scales[6] == scales[7] == scales[8] == pytest.approx(scales[4] * ctl.SAFETY_LR_FACTOR**2)
+    assert scales[9] == scales[10] == pytest.approx(scales[8] * ctl.SAFETY_LR_FACTOR)
+    assert actions[11] != "recover"  # below the blow-up line: the policy decides again
+
+
 def test_the_weights_picked_from_a_trial_are_judged_by_their_own_history():
     """A trial that loses the cooled comparison but reads too low goes on from its own weights (after a clear reading of
     too high): their losses, far above the first segment's (discarded) cooled one, are no blow-up (a load starts the
