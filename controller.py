@@ -414,6 +414,7 @@ class RL(Off):
         self.move = None  # (from, to): the last move up, its verdict pending (slot "best" holds the weights at "from")
         self.moved_from = [None, None]  # the lr scale before the previous move up and before the last one
         self.climb_off = False  # a move up was punished: no more moves up
+        self.floor = None  # the lr scale an undo goes no lower than: a start read near 0 that won its comparison
         self.again = False  # the last decision took a weak first reading again (measure_again)
         self.past_from = None  # the lr scale before a step past that awaits its verdict
         self.first, self.trial, self.trial_scale = None, None, None
@@ -530,9 +531,12 @@ class RL(Off):
 
     def punished(self, scale):
         """A move up that the loss punished (an undo, or a spike the safety net rolled back): no more moves up (a
-        direction that lost), and an lr no higher than the one from before the move before it."""
+        direction that lost), and an lr no higher than the one from before the move before it, but no lower than a
+        start that read near 0 and won its comparison (the floor; relu_reg at a third of its best lr: 0.097 and
+        0.126 -> 0.064 and 0.091, `off` 0.063 and 0.068: 3 of 849 plain-loop runs change, all lower)."""
         self.climb_off, self.past_from = True, None
-        return min(scale, self.moved_from[0] or scale)
+        back = min(scale, self.moved_from[0] or scale)
+        return min(scale, max(back, self.floor or 0.0))
 
     # ------------------------------------------------------------ search by the hypergradient
     def _gradient_search(self, ctl, obs, nonfinite):
@@ -585,6 +589,10 @@ class RL(Off):
             # damage), unless it lost by more than SPIKE to a first that read within LOW_H of 0 (see the top)
             both_high = abs(reward) <= BOTH_HIGH_TIE or (reward > 0 and trial["h"] is not None and trial["h"] > 0)
             low = reads_too_low(trial["h"]) and not (reward < -SPIKE and 0 < (first["h"] or 0) <= LOW_H)
+            # a start read within LOW_H of 0 that won the comparison, its trial going on only for reading too low: the
+            # floor of a later undo (a climb back up through the start's lr was not punished there)
+            near_0 = 0 < (first["h"] or 0) <= LOW_H
+            self.floor = first["scale"] if low and not both_high and win is first and near_0 else None
             win = trial if both_high or low else win
             init = ctl.init_loss
             if init and all(

@@ -345,6 +345,23 @@ def test_a_punished_step_past_goes_back_to_the_lr_before_the_last_move_up():
     assert d.action == "undo_up" and c2.lr_scale == pytest.approx(10**ctl.FIRST_UP_MAX)
 
 
+def test_an_undo_goes_no_lower_than_a_start_read_near_0_that_won_its_comparison():
+    """relu_reg at a third of its best lr (docs/experiments/README.md): the start reads within LOW_H of 0, the trial a
+    decade lower loses the cooled comparison but reads too low and goes on, the climb goes back up past the start's
+    lr and its step past is punished. The undo goes back to the lr before the move before it, but not below the
+    start's lr (0.097 -> 0.064 against `off`'s 0.063). After a clear reading of too high the start, though it won,
+    is no floor: the undo goes two moves back as before (mlp_sgd from 3 lr*: the start won by 36% and was too high)."""
+    tail = [(3.0, 0.009), (2.9, -0.06), (2.0, 0.09), (2.22, 0.08)]
+    c = rl()
+    decisions, *_ = run(c, [(3.3, 0.01), (3.0, None), (3.5, -0.2), (3.2, None), *tail])
+    assert [d.action[:4] for d in decisions[3:]] == ["pick", "past", "up_x", "past", "undo"]
+    assert decisions[6].lr_scale > 1.0 and c.lr_scale == 1.0 and c.policy.floor == 1.0
+    c = rl()
+    decisions, *_ = run(c, [(3.3, 2 * ctl.LOW_H), (3.0, None), (3.5, -0.2), (3.2, None), *tail])
+    assert [d.action[:4] for d in decisions[3:]] == ["pick", "past", "up_x", "past", "undo"]
+    assert c.lr_scale == pytest.approx(10 ** -(ctl.TRIAL_DOWN / 2)) and c.policy.floor is None
+
+
 def test_the_safety_net_rolls_back_once_and_judges_a_move_by_the_loss_before_it():
     """A run whose own loss has drifted up (high-lr SGD did this in a plain loop) and a move up then: the move is
     judged against the loss just before it, not the run's best (which made every later eval a "spike"), and a
