@@ -588,10 +588,10 @@ class RL(Off):
             # between the two: its weights go on and climb (the comparison favours the higher lr; a too-low lr does no
             # damage), unless it lost by more than SPIKE to a first that read within LOW_H of 0 (see the top)
             both_high = abs(reward) <= BOTH_HIGH_TIE or (reward > 0 and trial["h"] is not None and trial["h"] > 0)
-            low = reads_too_low(trial["h"]) and not (reward < -SPIKE and 0 < (first["h"] or 0) <= LOW_H)
+            near_0 = 0 < (first["h"] or 0) <= LOW_H
+            low = reads_too_low(trial["h"]) and not (reward < -SPIKE and near_0)
             # a start read within LOW_H of 0 that won the comparison, its trial going on only for reading too low: the
             # floor of a later undo (a climb back up through the start's lr was not punished there)
-            near_0 = 0 < (first["h"] or 0) <= LOW_H
             self.floor = first["scale"] if low and not both_high and win is first and near_0 else None
             win = trial if both_high or low else win
             init = ctl.init_loss
