@@ -222,3 +222,24 @@ def test_the_experiments_plain_loops_train_at_the_lr_they_are_given():
     last = tasks.schedule_fn("cosine", 20)(19 / 20)  # the loop's factor at its last step
     assert [[g["lr"] for g in m[1].param_groups] for m in made] == [[pytest.approx(lr * last)] for lr in (1e-4, 3e-2)]
     assert losses[0] != losses[1]
+
+
+def test_the_experiments_linear_schedule_is_transformers_linear_decay():
+    """plain_tasks.py's `linear` (docs/experiments: the loops under transformers' default schedule): past its warmup
+    it is get_linear_schedule_with_warmup's factor step for step, and it ends at 0."""
+    import importlib.util
+
+    from transformers import get_linear_schedule_with_warmup
+
+    spec = importlib.util.spec_from_file_location("plain_tasks", os.path.join(ROOT, "docs/experiments/plain_tasks.py"))
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    steps, warmup = 500, 15  # 3% of the run
+    ours, cos = tasks.schedule_fn("linear", steps), tasks.schedule_fn("cosine", steps)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_linear_schedule_with_warmup(opt, warmup, steps).lr_lambdas[0]
+    after = range(warmup, steps + 1)
+    assert [ours(s / steps) for s in after] == pytest.approx([hf(s) for s in after])
+    assert [ours(s / steps) for s in range(warmup)] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
+    assert ours(0) == cos(0) > 0  # the warmup as the cosine's in that file: the first step is not wasted at lr 0
+    assert ours(1.0) == 0 and ours(0.5) == pytest.approx((1 - 0.5) / (1 - 0.03))

@@ -8,13 +8,13 @@ added after the controller's constants were set, as a check on loops it was not 
 (`fresh()`); and two held out from every constant (2026-12-05): spiral, mf (`held_out()`). The data are fixed; the seed
 sets the initialisation.
 
-    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|cosine0|constant|wsd]
+    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|cosine0|constant|wsd|linear]
     python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
 
 The schedule: 3% warmup + cosine (default), cosine0 (the cosine without a warmup), a constant lr (no warmup, no
-decay), or wsd (a constant lr, then a linear decay to 0 over the last 20%: the cooldown rl adds to a flat schedule, done
-by the loop). One JSON per run in OUT_DIR (final validation loss, tokens spent / budget); runs already there are
-skipped.
+decay), wsd (a constant lr, then a linear decay to 0 over the last 20%: the cooldown rl adds to a flat schedule, done
+by the loop), or linear (3% warmup, then a linear decay to 0: transformers' default scheduler). One JSON per run in
+OUT_DIR (final validation loss, tokens spent / budget); runs already there are skipped.
 Not used by train.py or the tests.
 """
 
@@ -301,11 +301,15 @@ def transformer():
 
 
 def schedule_fn(kind, steps):
-    """The loop's lr factor at share `frac` of a `steps`-step run: 3% warmup + cosine, constant, or wsd (above)."""
+    """The loop's lr factor at share `frac` of a `steps`-step run: 3% warmup + cosine, constant, wsd (above),
+    3% warmup + linear decay, or a cosine without warmup."""
     if kind == "constant":
         return lambda frac: 1.0
     if kind == "wsd":
         return lambda frac: min(1.0, (1 - frac) / 0.2)
+    if kind == "linear":  # 3% warmup, then linear to 0 (transformers' get_linear_schedule_with_warmup)
+        w = steps * 0.03
+        return lambda frac: (steps * frac + 1) / (w + 1) if steps * frac < w else max(0.0, (1 - frac) / (1 - 0.03))
     if kind == "cosine0":  # a cosine without warmup (torch's CosineAnnealingLR alone)
         return lambda frac: 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     return lambda frac: (
@@ -339,8 +343,8 @@ if __name__ == "__main__":
     schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
     if task not in TASKS:
         sys.exit(f"plain_tasks.py: error: TASK must be one of {', '.join(TASKS)}, got {task!r}")
-    if schedule not in ("cosine", "cosine0", "constant", "wsd"):
-        sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, cosine0, constant or wsd, got {schedule!r}")
+    if schedule not in ("cosine", "cosine0", "constant", "wsd", "linear"):
+        sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, cosine0, constant, wsd or linear, got {schedule!r}")
     os.makedirs(out, exist_ok=True)
     for lr in map(float, lrs.split(",")):
         for s in map(int, seeds.split(",")):
