@@ -207,15 +207,21 @@ def test_gradient_probe_reads_the_cosines_it_defines(opt_cls, chunk, monkeypatch
         assert h == pytest.approx(-align, abs=1e-5)
 
 
-def test_the_experiments_plain_loops_train_at_the_lr_they_are_given():
-    """docs/experiments/plain_tasks.py runs this snippet on its loops, whose optimizers are built at a fixed lr: the
-    snippet scales each group's own lr, so the script sets every group to the lr it is given first (it once trained
-    every lr of a sweep at the optimizer's built-in one)."""
+def plain_tasks():
+    """docs/experiments/plain_tasks.py, loaded as a module (it is a script, not on the path)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("plain_tasks", os.path.join(ROOT, "docs/experiments/plain_tasks.py"))
     tasks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tasks)
+    return tasks
+
+
+def test_the_experiments_plain_loops_train_at_the_lr_they_are_given():
+    """docs/experiments/plain_tasks.py runs this snippet on its loops, whose optimizers are built at a fixed lr: the
+    snippet scales each group's own lr, so the script sets every group to the lr it is given first (it once trained
+    every lr of a sweep at the optimizer's built-in one)."""
+    tasks = plain_tasks()
     made, make = [], tasks.make
     tasks.make = lambda *args: made.append(make(*args)) or made[-1]  # keep each loop's optimizer to look at
     losses = [tasks.run("linreg", lr, "off", 0, 20)[0] for lr in (1e-4, 3e-2)]
@@ -227,13 +233,9 @@ def test_the_experiments_plain_loops_train_at_the_lr_they_are_given():
 def test_the_experiments_linear_schedule_is_transformers_linear_decay():
     """plain_tasks.py's `linear` (docs/experiments: the loops under transformers' default schedule): past its warmup
     it is get_linear_schedule_with_warmup's factor step for step, and it ends at 0."""
-    import importlib.util
-
     from transformers import get_linear_schedule_with_warmup
 
-    spec = importlib.util.spec_from_file_location("plain_tasks", os.path.join(ROOT, "docs/experiments/plain_tasks.py"))
-    tasks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tasks)
+    tasks = plain_tasks()
     steps, warmup = 500, 15  # 3% of the run
     ours, cos = tasks.schedule_fn("linear", steps), tasks.schedule_fn("cosine", steps)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
