@@ -245,3 +245,39 @@ def test_the_experiments_linear_schedule_is_transformers_linear_decay():
     assert [ours(s / steps) for s in range(warmup)] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
     assert ours(0) == cos(0) > 0  # the warmup as the cosine's in that file: the first step is not wasted at lr 0
     assert ours(1.0) == 0 and ours(0.5) == pytest.approx((1 - 0.5) / (1 - 0.03))
+
+
+def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tmp_path, capsys):
+    """docs/experiments/plain_grid.py, the plain-loop check of a controller change: it runs a grid cell into the file
+    the comparison reads, counts a good start above `off` + 0.5% as failed and a bad start at <= 1.02 L* as within
+    2%, and compares two grids run by run (a candidate's grid of `rl` runs takes its `off` runs from the other)."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("plain_grid", os.path.join(ROOT, "docs/experiments/plain_grid.py"))
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    assert sum(len(lrs) for *_, lrs in grid.JOBS) == 262 and {t for t, *_ in grid.JOBS} == set(grid.plain_tasks.TASKS)
+
+    grid.one((str(tmp_path / "real"), "linreg", 20, "cosine", "rl", 0.1, 0))  # one real run of the README's loop
+    (cell,) = grid.load(str(tmp_path / "real")).items()
+    assert cell[0] == ("linreg", 20, "cosine") and 0 < cell[1]["rl"][0.1][0] < 10
+
+    def write(out, policy, lr, losses):
+        for seed, loss in enumerate(losses):
+            f = tmp_path / out / "500_cosine" / f"linreg_{policy}_{lr:g}_{seed}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"task": "linreg", "lr": lr, "policy": policy, "seed": seed, "loss": loss}))
+
+    write("base", "off", 0.1, [1.0] * 3)
+    write("base", "off", 1.0, [0.5] * 3)  # lr* = 1, L* = 0.5
+    write("base", "rl", 1.0, [0.51] * 3)  # +2%: the good start fails
+    write("base", "rl", 0.1, [0.505] * 3)  # +1% on L*: within 2%
+    write("new", "rl", 1.0, [0.5] * 3)
+    write("new", "rl", 0.1, [0.6, float("inf"), 0.505])  # a non-finite end counts as inf
+    grid.targets(grid.load(str(tmp_path / "base")))
+    assert "500 cosine: good start fails 1 / 1; bad starts within 2%: 1 / 1" in capsys.readouterr().out
+    grid.compare(grid.load(str(tmp_path / "base")), grid.load(str(tmp_path / "new")))
+    out = capsys.readouterr().out
+    assert "rl runs: 3 lower by over 1%, 2 higher, 1 within 1%" in out
+    assert "new  500 cosine: good start fails 0 / 1; bad starts within 2%: 0 / 1" in out

@@ -1,0 +1,179 @@
+"""The plain-loop check of a controller change, as one grid: the 13 loops of `plain_tasks.py`, their lr lists, 3 seeds,
+at 500 steps (cosine and constant), 1000 and 2000 steps (cosine), `rl` and `off`; then the target counts, and the
+run-by-run comparison of two grids (the kept controller's and a candidate's).
+
+    python docs/experiments/plain_grid.py run OUT [--policies rl,off] [--lanes 2] [--tasks cnn,mf]
+    python docs/experiments/plain_grid.py targets OUT
+    python docs/experiments/plain_grid.py compare BASE NEW        # either may hold rl runs only: off from the other
+
+`run` executes the README's snippet with the `controller.py` of the checkout this file is in (for a candidate, run it
+from a `git worktree` of the change), one thread per run, `--lanes` runs at a time, and skips runs already in OUT
+(OUT/STEPS_SCHEDULE/TASK_POLICY_LR_SEED.json, `plain_tasks.py`'s files). The full grid is 262 starts x 3 seeds:
+786 runs per policy, 12 minutes for both on 2 cores (2 lanes).
+
+`targets`, per job (loop, length, schedule): lr* = `off`'s best mean of the list, L* its mean; the good start fails
+when `rl`'s mean at lr* is above `off`'s by more than 0.5%; a bad start (every other lr of the list) is within 2% when
+`rl`'s mean is at most 1.02 L*. `compare`: `rl` runs lower or higher by over 1%, and both grids' target counts.
+Not used by train.py or the tests.
+"""
+
+import glob
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plain_tasks
+
+SEEDS = (0, 1, 2)
+# The lr lists: half decades (or wider) around each loop's best lr, from "Plain loops unlike the benchmark", "A sixth
+# plain loop", "The plain loops at four run lengths", "Four loops the controller was not tuned on" and "Two held-out
+# plain loops" in README.md here.
+LRS = {
+    "mlp_adam": (3.33e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "mlp_sgd": (1e-3, 3e-3, 0.03, 0.3, 0.9),
+    "lstm": (1e-3, 3e-3, 0.03, 0.3, 0.9),
+    "tfm": (1e-3, 3e-3, 3e-2, 0.3, 1.0),
+    "reg_adam": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+    "reg_sgd": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+    "reg_ovf": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "cnn": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3),
+    "linreg": (1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0),
+    "relu_reg": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3),
+    "ae": (3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0),
+    "spiral": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+    "mf": (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0),
+}
+SEQUENCE_LOOPS = ("lstm", "tfm")  # the slowest; their 1000- and 2000-step figures are in the sections
+LONG_LOOPS = ("mlp_adam", "mlp_sgd", "reg_adam", "reg_sgd", "reg_ovf", "relu_reg")
+JOBS = (
+    [(t, 500, "cosine", LRS[t]) for t in plain_tasks.TASKS]
+    + [(t, 500, "constant", LRS[t]) for t in plain_tasks.TASKS if t not in SEQUENCE_LOOPS]
+    + [(t, 1000, "cosine", LRS[t]) for t in plain_tasks.TASKS if t not in SEQUENCE_LOOPS]
+    + [(t, 2000, "cosine", (3e-4, 1e-3, 3e-3) if t == "reg_ovf" else LRS[t]) for t in LONG_LOOPS]
+)
+
+
+def path(out, task, steps, schedule, policy, lr, seed):
+    return os.path.join(out, f"{steps}_{schedule}", f"{task}_{policy}_{lr:g}_{seed}.json")
+
+
+def one(args):
+    out, task, steps, schedule, policy, lr, seed = args
+    f = path(out, task, steps, schedule, policy, lr, seed)
+    if os.path.exists(f):
+        return
+    loss, cost = plain_tasks.run(task, lr, policy, seed, steps, schedule)
+    os.makedirs(os.path.dirname(f), exist_ok=True)
+    with open(f + ".tmp", "w") as fh:  # (a killed run leaves no half-written result)
+        json.dump({"task": task, "lr": lr, "policy": policy, "seed": seed, "loss": loss, "cost": cost}, fh)
+    os.replace(f + ".tmp", f)
+    print(steps, schedule, task, policy, f"{lr:g}", seed, round(loss, 5), round(cost, 3), flush=True)
+
+
+def init_worker():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def load(out):
+    """{(task, steps, schedule): {policy: {lr: [loss by seed]}}}; a non-finite loss counts as inf."""
+    grid = {}
+    for f in glob.glob(os.path.join(out, "*_*", "*.json")):
+        steps, schedule = os.path.basename(os.path.dirname(f)).split("_")
+        with open(f) as fh:
+            r = json.load(fh)
+        loss = r["loss"] if math.isfinite(r["loss"]) else math.inf
+        cell = grid.setdefault((r["task"], int(steps), schedule), {}).setdefault(r["policy"], {})
+        cell.setdefault(r["lr"], {})[r["seed"]] = loss
+    return grid
+
+
+def mean(by_seed):
+    return statistics.mean(by_seed[s] for s in SEEDS) if all(s in by_seed for s in SEEDS) else None
+
+
+def targets(grid, label=""):
+    """Per length and schedule: good starts that fail / jobs with a sweep; bad starts within 2% / bad starts."""
+    rows, totals = [], {}
+    for (task, steps, schedule), cell in sorted(grid.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        off, rl = cell.get("off", {}), cell.get("rl", {})
+        means = {lr: mean(v) for lr, v in off.items() if mean(v) is not None}
+        if not means or not rl:
+            continue
+        best = min(means, key=means.get)
+        L = means[best]
+        t = totals.setdefault((steps, schedule), [0, 0, 0, 0])
+        if best in rl and mean(rl[best]) is not None:
+            gap = mean(rl[best]) / means[best] - 1 if means[best] > 0 else 0.0
+            t[0] += gap > 0.005
+            t[1] += 1
+            rows.append(f"{steps} {schedule} {task}: lr* {best:g} L* {L:.4g}, good start rl {100 * gap:+.1f}% vs off")
+        for lr, v in rl.items():
+            if lr != best and mean(v) is not None:
+                t[2] += mean(v) <= 1.02 * L
+                t[3] += 1
+    for r in rows:
+        print(label + r)
+    for (steps, schedule), (fail, jobs, within, bad) in sorted(totals.items()):
+        print(f"{label}{steps} {schedule}: good start fails {fail} / {jobs}; bad starts within 2%: {within} / {bad}")
+
+
+def compare(base, new):
+    lower, higher, same = [], [], 0
+    for key, cell in new.items():
+        for lr, v in cell.get("rl", {}).items():
+            for s, loss in v.items():
+                b = base.get(key, {}).get("rl", {}).get(lr, {}).get(s)
+                if b is None:
+                    continue
+                d = (loss - b) / b if math.isfinite(b) and b > 0 else (0.0 if loss == b else -math.inf)
+                if d < -0.01:
+                    lower.append((d, key, lr, s, b, loss))
+                elif d > 0.01:
+                    higher.append((d, key, lr, s, b, loss))
+                else:
+                    same += 1
+    print(f"rl runs: {len(lower)} lower by over 1%, {len(higher)} higher, {same} within 1%")
+    for d, (task, steps, schedule), lr, s, b, loss in sorted(lower) + sorted(higher, reverse=True):
+        print(f"  {steps} {schedule} {task} {lr:g} s{s}: {b:.4g} -> {loss:.4g} ({100 * d:+.1f}%)")
+    for a, b in ((base, new), (new, base)):  # either grid's off runs serve both (a candidate's grid may hold rl only)
+        for key, cell in a.items():
+            if cell.get("off"):
+                b.setdefault(key, {}).setdefault("off", cell["off"])
+    targets(base, "base ")
+    targets(new, "new  ")
+
+
+if __name__ == "__main__":
+    cmd, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if cmd == "run" and args:
+        opts = dict(zip(args[1::2], args[2::2]))
+        unknown = set(opts) - {"--policies", "--lanes", "--tasks"}
+        if unknown or len(args) % 2 == 0:
+            sys.exit(f"plain_grid.py: error: run OUT takes --policies, --lanes, --tasks (got {' '.join(args[1:])})")
+        tasks = opts.get("--tasks", ",".join(plain_tasks.TASKS)).split(",")
+        bad = [t for t in tasks if t not in plain_tasks.TASKS]
+        if bad:
+            sys.exit(f"plain_grid.py: error: --tasks must name loops of {', '.join(plain_tasks.TASKS)}, got {bad[0]!r}")
+        units = [
+            (args[0], t, steps, sched, pol, lr, s)
+            for t, steps, sched, lrs in JOBS
+            if t in tasks
+            for lr in lrs
+            for s in SEEDS
+            for pol in opts.get("--policies", "rl,off").split(",")
+        ]
+        with multiprocessing.Pool(int(opts.get("--lanes", 2)), initializer=init_worker) as pool:
+            for _ in pool.imap_unordered(one, units):
+                pass
+    elif cmd == "targets" and len(args) == 1:
+        targets(load(args[0]))
+    elif cmd == "compare" and len(args) == 2:
+        compare(load(args[0]), load(args[1]))
+    else:
+        sys.exit("usage: plain_grid.py run OUT [--policies P] [--lanes N] [--tasks T] | targets OUT | compare BASE NEW")
