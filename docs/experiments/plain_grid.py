@@ -57,21 +57,11 @@ JOBS = (
 )
 
 
-def path(out, task, steps, schedule, policy, lr, seed):
-    return os.path.join(out, f"{steps}_{schedule}", f"{task}_{policy}_{lr:g}_{seed}.json")
-
-
 def one(args):
     out, task, steps, schedule, policy, lr, seed = args
-    f = path(out, task, steps, schedule, policy, lr, seed)
-    if os.path.exists(f):
-        return
-    loss, cost = plain_tasks.run(task, lr, policy, seed, steps, schedule)
-    os.makedirs(os.path.dirname(f), exist_ok=True)
-    with open(f + ".tmp", "w") as fh:  # (a killed run leaves no half-written result)
-        json.dump({"task": task, "lr": lr, "policy": policy, "seed": seed, "loss": loss, "cost": cost}, fh)
-    os.replace(f + ".tmp", f)
-    print(steps, schedule, task, policy, f"{lr:g}", seed, round(loss, 5), round(cost, 3), flush=True)
+    done = plain_tasks.save(os.path.join(out, f"{steps}_{schedule}"), task, lr, policy, seed, steps, schedule)
+    if done:
+        print(steps, schedule, task, policy, f"{lr:g}", seed, round(done[0], 5), round(done[1], 3), flush=True)
 
 
 def init_worker():
@@ -81,7 +71,7 @@ def init_worker():
 
 
 def load(out):
-    """{(task, steps, schedule): {policy: {lr: [loss by seed]}}}; a non-finite loss counts as inf."""
+    """{(task, steps, schedule): {policy: {lr: {seed: loss}}}}; a non-finite loss counts as inf."""
     grid = {}
     for f in glob.glob(os.path.join(out, "*_*", "*.json")):
         steps, schedule = os.path.basename(os.path.dirname(f)).split("_")
@@ -101,21 +91,21 @@ def targets(grid, label=""):
     """Per length and schedule: good starts that fail / jobs with a sweep; bad starts within 2% / bad starts."""
     rows, totals = [], {}
     for (task, steps, schedule), cell in sorted(grid.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        off, rl = cell.get("off", {}), cell.get("rl", {})
-        means = {lr: mean(v) for lr, v in off.items() if mean(v) is not None}
-        if not means or not rl:
+        off, rl = ({lr: mean(v) for lr, v in cell.get(p, {}).items()} for p in ("off", "rl"))
+        off = {lr: m for lr, m in off.items() if m is not None}
+        if not off or not rl:
             continue
-        best = min(means, key=means.get)
-        L = means[best]
+        best = min(off, key=off.get)
+        L = off[best]
         t = totals.setdefault((steps, schedule), [0, 0, 0, 0])
-        if best in rl and mean(rl[best]) is not None:
-            gap = mean(rl[best]) / means[best] - 1 if means[best] > 0 else 0.0
+        if rl.get(best) is not None:
+            gap = rl[best] / L - 1 if L > 0 else 0.0
             t[0] += gap > 0.005
             t[1] += 1
             rows.append(f"{steps} {schedule} {task}: lr* {best:g} L* {L:.4g}, good start rl {100 * gap:+.1f}% vs off")
-        for lr, v in rl.items():
-            if lr != best and mean(v) is not None:
-                t[2] += mean(v) <= 1.02 * L
+        for lr, m in rl.items():
+            if lr != best and m is not None:
+                t[2] += m <= 1.02 * L
                 t[3] += 1
     for r in rows:
         print(label + r)

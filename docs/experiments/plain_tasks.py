@@ -337,6 +337,20 @@ def run(task, base_lr, policy, seed, steps, schedule="cosine"):
     return evaluate(), env["spent"] / steps
 
 
+def save(out, task, lr, policy, seed, steps, schedule="cosine"):
+    """One run into OUT/TASK_POLICY_LR_SEED.json (written whole or not at all); None if it is there already, else
+    (loss, tokens spent / budget)."""
+    f = os.path.join(out, f"{task}_{policy}_{lr:g}_{seed}.json")
+    if os.path.exists(f):
+        return None
+    loss, cost = run(task, lr, policy, seed, steps, schedule)
+    os.makedirs(out, exist_ok=True)
+    with open(f + ".tmp", "w") as fh:  # (a killed run leaves no half-written result)
+        json.dump({"task": task, "lr": lr, "policy": policy, "seed": seed, "loss": loss, "cost": cost}, fh)
+    os.replace(f + ".tmp", f)
+    return loss, cost
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
@@ -349,10 +363,6 @@ if __name__ == "__main__":
     for lr in map(float, lrs.split(",")):
         for s in map(int, seeds.split(",")):
             for pol in policies.split(","):
-                f = os.path.join(out, f"{task}_{pol}_{lr:g}_{s}.json")
-                if os.path.exists(f):
-                    continue
-                loss, cost = run(task, lr, pol, s, int(steps), schedule)
-                with open(f, "w") as fh:
-                    json.dump({"task": task, "lr": lr, "policy": pol, "seed": s, "loss": loss, "cost": cost}, fh)
-                print(task, pol, f"{lr:g}", s, round(loss, 5), round(cost, 3), flush=True)
+                done = save(out, task, lr, pol, s, int(steps), schedule)
+                if done:
+                    print(task, pol, f"{lr:g}", s, round(done[0], 5), round(done[1], 3), flush=True)
