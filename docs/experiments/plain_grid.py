@@ -150,6 +150,9 @@ if __name__ == "__main__":
         bad = [t for t in tasks if t not in plain_tasks.TASKS]
         if bad:
             sys.exit(f"plain_grid.py: error: --tasks must name loops of {', '.join(plain_tasks.TASKS)}, got {bad[0]!r}")
+        lanes = opts.get("--lanes", "2")
+        if not lanes.isdigit() or int(lanes) < 1:
+            sys.exit(f"plain_grid.py: error: --lanes must be a whole number >= 1, got {lanes!r}")
         units = [
             (args[0], t, steps, sched, pol, lr, s)
             for t, steps, sched, lrs in JOBS
@@ -158,7 +161,7 @@ if __name__ == "__main__":
             for s in SEEDS
             for pol in opts.get("--policies", "rl,off").split(",")
         ]
-        with multiprocessing.Pool(int(opts.get("--lanes", 2)), initializer=init_worker) as pool:
+        with multiprocessing.Pool(int(lanes), initializer=init_worker) as pool:
             for _ in pool.imap_unordered(one, units):
                 pass
     elif cmd == "targets" and len(args) == 1:
