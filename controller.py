@@ -194,6 +194,7 @@ SEARCH_BUDGET = 0.10  # default share of the token budget the rl search may disc
 SPIKE = 0.25  # safety: an eval loss this far above the best rolls back (if a slot is kept) ...
 SAFETY_LR_FACTOR = 0.5  # ... and multiplies the lr by this (after a move up: no higher than an undo's lr)
 BLOWUP = 2.0  # safety: an eval loss this many times the best of the weights' history (and above the first) too
+BLOWUP_CUT = 0.1  # safety: a blow-up that rose again right after a halving with no slot to go back to: lr x this
 BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 # rl search, read from the hypergradient h (Observation.hypergradient, over each segment's second half):
 #   1. after the first segment, h > 0 (too high even by the greedy measure, which this early favours high lrs)
@@ -976,7 +977,8 @@ class Controller:
         rolls back to the weights from before it (once; twice in a row when they come back damaged: a non-finite or
         blown-up loss); and so does a blow-up, a finite divergence whoever set the lr: an eval loss above BLOWUP x the
         best of the weights' history (since the last load) and above the first eval loss read, unless it fell since the
-        safety net halved the lr with no slot to go back to (the weights recover at the halved lr: it holds)."""
+        safety net halved the lr with no slot to go back to (the weights recover at the halved lr: it holds); a finite
+        one that rose again right after such a halving multiplies it by BLOWUP_CUT (a decade) instead."""
         if self.pending is None:
             raise RuntimeError("Controller.step() before Controller.start(): call start() once before training")
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
@@ -1045,7 +1047,10 @@ class Controller:
         if self.policy.guarded and recovering:
             d = Decision(self.lr_scale, self.grad_accum, action="recover", phase="safety")
         elif self.policy.guarded and fault:
-            self.lr_scale = self.clip(self.lr_scale * SAFETY_LR_FACTOR)
+            # a (finite) blow-up that rose again right after the net halved the lr with no slot to go back to: a decade
+            # down (halving again lets the weights run away before the lr is low enough to hold them)
+            worse = held and self.pending.action == "rollback" and blowup and finite and loss >= self.last_loss
+            self.lr_scale = self.clip(self.lr_scale * (BLOWUP_CUT if worse else SAFETY_LR_FACTOR))
             if spike:  # a move up punished harder than an undo: its lr goes back at least as far
                 self.lr_scale = self.policy.punished(self.lr_scale)
             load = "best" if "best" in self.slot_loss else ""

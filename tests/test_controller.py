@@ -911,9 +911,29 @@ def test_a_blow_up_that_falls_at_the_halved_lr_is_not_halved_again():
         actions.append(c.step({"tokens": 1000 * (i + 1), "eval_loss": x}).action)
         scales.append(c.lr_scale)
     assert actions[5:11] == ["rollback", "rollback", "recover", "recover", "rollback", "recover"], actions
-    assert scales[6] == scales[7] == scales[8] == pytest.approx(scales[4] * ctl.SAFETY_LR_FACTOR**2)
-    assert scales[9] == scales[10] == pytest.approx(scales[8] * ctl.SAFETY_LR_FACTOR)
+    # (the reading after the first halving rose: a decade down, the next test)
+    assert scales[6] == scales[7] == scales[8] == pytest.approx(scales[4] * ctl.SAFETY_LR_FACTOR * ctl.BLOWUP_CUT)
+    assert scales[9] == scales[10] == pytest.approx(scales[8] * ctl.SAFETY_LR_FACTOR)  # a rise after a recovery
     assert actions[11] != "recover"  # below the blow-up line: the policy decides again
+
+
+def test_a_blow_up_that_rises_again_right_after_the_halving_goes_a_decade_down():
+    """With no slot to go back to, a blow-up halves the lr; when the next reading has risen again the halved lr did not
+    hold the weights, and the next cut is a decade (halving at each reading let an autoencoder's weights run away,
+    0.54 -> 1.13 -> 419 -> 8e27, until every gradient was non-finite and the run was dead; a decade at the second
+    reading: 1.13 -> 0.36, and on). A rise after the lr held (a recovery) halves it, as before."""
+    c = make("plateau")
+    c.start()
+    losses = [1.0, 0.3, 0.02, 0.06, 0.9, 1.5, 2.5, 2.0, 1.6, 1.7, 1.65, 4.0, 0.5]
+    actions, scales = [], []
+    for i, x in enumerate(losses):
+        actions.append(c.step({"tokens": 1000 * (i + 1), "eval_loss": x}).action)
+        scales.append(c.lr_scale)
+    assert actions[5:12] == ["rollback", "rollback", "recover", "recover", "rollback", "recover", "rollback"], actions
+    assert scales[5] == pytest.approx(scales[4] * ctl.SAFETY_LR_FACTOR)  # the first reading of the blow-up: halved
+    assert scales[6] == pytest.approx(scales[5] * ctl.BLOWUP_CUT)  # risen right after the halving: a decade
+    assert scales[9] == pytest.approx(scales[8] * ctl.SAFETY_LR_FACTOR)  # risen after a recovery: halved
+    assert scales[11] == pytest.approx(scales[10] * ctl.SAFETY_LR_FACTOR)  # the same
 
 
 def test_the_weights_picked_from_a_trial_are_judged_by_their_own_history():
