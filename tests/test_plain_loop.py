@@ -281,3 +281,30 @@ def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tm
     out = capsys.readouterr().out
     assert "rl runs: 3 lower by over 1%, 2 higher, 1 within 1%" in out
     assert "new  500 cosine: good start fails 0 / 1; bad starts within 2%: 0 / 1" in out
+    write("zero", "off", 1.0, [0.5] * 3)
+    write("zero", "rl", 0.1, [0.0, float("inf"), 0.2])  # a base of exactly 0, a non-finite one
+    write("later", "rl", 0.1, [0.1, 0.3, 0.2])
+    grid.compare(grid.load(str(tmp_path / "zero")), grid.load(str(tmp_path / "later")))
+    assert "rl runs: 1 lower by over 1%, 1 higher, 1 within 1%" in capsys.readouterr().out
+
+
+def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_writing(tmp_path):
+    """docs/experiments/plain_tasks.py's command line: a STEPS, LRS, SEEDS or POLICIES it cannot run is a one-line error
+    that names the argument, before OUT_DIR is made (it was a traceback)."""
+    import subprocess
+    import sys
+
+    script = os.path.join(ROOT, "docs/experiments/plain_tasks.py")
+    for args, name in [
+        (["1.5", "1e-3", "0", "rl"], "STEPS"),
+        (["10", "1e-3,x", "0", "rl"], "LRS"),
+        (["10", "1e-3", "0,x", "rl"], "SEEDS"),
+        (["10", "1e-3", "0", "rl,bogus"], "POLICIES"),
+    ]:
+        out = tmp_path / name
+        cmd = [sys.executable, script, "mlp_adam", *args, str(out)]
+        r = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1, r.stderr
+        assert lines[0].startswith(f"plain_tasks.py: error: {name} "), r.stderr
+        assert not out.exists()

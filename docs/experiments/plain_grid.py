@@ -121,7 +121,12 @@ def compare(base, new):
                 b = base.get(key, {}).get("rl", {}).get(lr, {}).get(s)
                 if b is None:
                     continue
-                d = (loss - b) / b if math.isfinite(b) and b > 0 else (0.0 if loss == b else -math.inf)
+                if loss == b:
+                    d = 0.0
+                elif not math.isfinite(b):  # a non-finite base (load() reads it as inf): any finite loss is lower
+                    d = -math.inf
+                else:  # a base of exactly 0: any other loss is higher
+                    d = (loss - b) / b if b > 0 else math.inf
                 if d < -0.01:
                     lower.append((d, key, lr, s, b, loss))
                 elif d > 0.01:

@@ -353,16 +353,36 @@ def save(out, task, lr, policy, seed, steps, schedule="cosine"):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    import controller as ctl
+
+    if len(sys.argv) not in (7, 8):
+        sys.exit("usage: plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|cosine0|constant|wsd|linear]")
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
     schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
+
+    def numbers(name, text, kind, valid, what):
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            values = None
+        if not values or not all(valid(v) for v in values):
+            sys.exit(f"plain_tasks.py: error: {name} must be {what}, got {text!r}")
+        return values
+
     if task not in TASKS:
         sys.exit(f"plain_tasks.py: error: TASK must be one of {', '.join(TASKS)}, got {task!r}")
+    (steps,) = numbers("STEPS", steps, int, lambda v: v >= 1, "a whole number of steps >= 1")
+    lrs = numbers("LRS", lrs, float, lambda v: math.isfinite(v) and v > 0, "comma-separated positive numbers")
+    seeds = numbers("SEEDS", seeds, int, lambda v: True, "comma-separated whole numbers")
+    policies = policies.split(",")
+    if not set(policies) <= set(ctl.POLICIES):
+        sys.exit(f"plain_tasks.py: error: POLICIES must be among {', '.join(ctl.POLICIES)}, got {','.join(policies)!r}")
     if schedule not in ("cosine", "cosine0", "constant", "wsd", "linear"):
         sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, cosine0, constant, wsd or linear, got {schedule!r}")
     os.makedirs(out, exist_ok=True)
-    for lr in map(float, lrs.split(",")):
-        for s in map(int, seeds.split(",")):
-            for pol in policies.split(","):
-                done = save(out, task, lr, pol, s, int(steps), schedule)
+    for lr in lrs:
+        for s in seeds:
+            for pol in policies:
+                done = save(out, task, lr, pol, s, steps, schedule)
                 if done:
                     print(task, pol, f"{lr:g}", s, round(done[0], 5), round(done[1], 3), flush=True)
