@@ -297,6 +297,7 @@ def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_wr
     script = os.path.join(ROOT, "docs/experiments/plain_tasks.py")
     for args, name in [
         (["1.5", "1e-3", "0", "rl"], "STEPS"),
+        (["10,20", "1e-3", "0", "rl"], "STEPS"),
         (["10", "1e-3,x", "0", "rl"], "LRS"),
         (["10", "1e-3", "0,x", "rl"], "SEEDS"),
         (["10", "1e-3", "0", "rl,bogus"], "POLICIES"),

@@ -125,8 +125,10 @@ def compare(base, new):
                     d = 0.0
                 elif not math.isfinite(b):  # a non-finite base (load() reads it as inf): any finite loss is lower
                     d = -math.inf
-                else:  # a base of exactly 0: any other loss is higher
-                    d = (loss - b) / b if b > 0 else math.inf
+                elif b == 0:  # a base of exactly 0: any other loss is higher
+                    d = math.inf
+                else:
+                    d = (loss - b) / b
                 if d < -0.01:
                     lower.append((d, key, lr, s, b, loss))
                 elif d > 0.01:

@@ -360,18 +360,18 @@ if __name__ == "__main__":
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
     schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
 
-    def numbers(name, text, kind, valid, what):
+    def numbers(name, text, kind, valid, what, one=False):
         try:
             values = [kind(v) for v in text.split(",")]
         except ValueError:
             values = None
-        if not values or not all(valid(v) for v in values):
+        if not values or (one and len(values) > 1) or not all(valid(v) for v in values):
             sys.exit(f"plain_tasks.py: error: {name} must be {what}, got {text!r}")
         return values
 
     if task not in TASKS:
         sys.exit(f"plain_tasks.py: error: TASK must be one of {', '.join(TASKS)}, got {task!r}")
-    (steps,) = numbers("STEPS", steps, int, lambda v: v >= 1, "a whole number of steps >= 1")
+    (steps,) = numbers("STEPS", steps, int, lambda v: v >= 1, "a whole number of steps >= 1", one=True)
     lrs = numbers("LRS", lrs, float, lambda v: math.isfinite(v) and v > 0, "comma-separated positive numbers")
     seeds = numbers("SEEDS", seeds, int, lambda v: True, "comma-separated whole numbers")
     policies = policies.split(",")
