@@ -290,7 +290,7 @@ def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tm
 
 def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_writing(tmp_path):
     """docs/experiments/plain_tasks.py's command line: a STEPS, LRS, SEEDS or POLICIES it cannot run is a one-line error
-    that names the argument, before OUT_DIR is made (it was a traceback)."""
+    that names the argument, before OUT_DIR is made (it was a traceback); plain_grid.py's --policies too."""
     import subprocess
     import sys
 
@@ -309,3 +309,9 @@ def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_wr
         assert r.returncode != 0 and len(lines) == 1, r.stderr
         assert lines[0].startswith(f"plain_tasks.py: error: {name} "), r.stderr
         assert not out.exists()
+    grid, out = os.path.join(ROOT, "docs/experiments/plain_grid.py"), tmp_path / "grid"  # and the grid's --policies
+    r = subprocess.run(
+        [sys.executable, grid, "run", str(out), "--policies", "rl,bogus"], check=False, capture_output=True, text=True
+    )
+    assert r.returncode != 0 and r.stderr.strip().startswith("plain_grid.py: error: --policies ") and not out.exists()
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

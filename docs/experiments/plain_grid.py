@@ -157,6 +157,10 @@ if __name__ == "__main__":
         bad = [t for t in tasks if t not in plain_tasks.TASKS]
         if bad:
             sys.exit(f"plain_grid.py: error: --tasks must name loops of {', '.join(plain_tasks.TASKS)}, got {bad[0]!r}")
+        policies = opts.get("--policies", "rl,off").split(",")
+        if not set(policies) <= set(plain_tasks.POLICIES):
+            known = ", ".join(plain_tasks.POLICIES)
+            sys.exit(f"plain_grid.py: error: --policies must be among {known}, got {','.join(policies)!r}")
         lanes = opts.get("--lanes", "2")
         if not lanes.isdigit() or int(lanes) < 1:
             sys.exit(f"plain_grid.py: error: --lanes must be a whole number >= 1, got {lanes!r}")
@@ -166,7 +170,7 @@ if __name__ == "__main__":
             if t in tasks
             for lr in lrs
             for s in SEEDS
-            for pol in opts.get("--policies", "rl,off").split(",")
+            for pol in policies
         ]
         with multiprocessing.Pool(int(lanes), initializer=init_worker) as pool:
             for _ in pool.imap_unordered(one, units):

@@ -28,7 +28,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-
+from controller import POLICIES  # (controller.py is in ROOT)
 
 TASKS = ("mlp_adam", "mlp_sgd", "lstm", "reg_adam", "reg_sgd", "reg_ovf", "tfm", "cnn", "linreg", "relu_reg", "ae")
 TASKS += ("spiral", "mf")  # held out from every constant (2026-12-05)
@@ -353,8 +353,6 @@ def save(out, task, lr, policy, seed, steps, schedule="cosine"):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    import controller as ctl
-
     if len(sys.argv) not in (7, 8):
         sys.exit("usage: plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|cosine0|constant|wsd|linear]")
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
@@ -375,8 +373,8 @@ if __name__ == "__main__":
     lrs = numbers("LRS", lrs, float, lambda v: math.isfinite(v) and v > 0, "comma-separated positive numbers")
     seeds = numbers("SEEDS", seeds, int, lambda v: True, "comma-separated whole numbers")
     policies = policies.split(",")
-    if not set(policies) <= set(ctl.POLICIES):
-        sys.exit(f"plain_tasks.py: error: POLICIES must be among {', '.join(ctl.POLICIES)}, got {','.join(policies)!r}")
+    if not set(policies) <= set(POLICIES):
+        sys.exit(f"plain_tasks.py: error: POLICIES must be among {', '.join(POLICIES)}, got {','.join(policies)!r}")
     if schedule not in ("cosine", "cosine0", "constant", "wsd", "linear"):
         sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, cosine0, constant, wsd or linear, got {schedule!r}")
     os.makedirs(out, exist_ok=True)
