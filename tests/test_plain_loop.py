@@ -245,6 +245,8 @@ def test_the_experiments_linear_schedule_is_transformers_linear_decay():
     assert [ours(s / steps) for s in range(warmup)] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
     assert ours(0) == cos(0) > 0  # the warmup as the cosine's in that file: the first step is not wasted at lr 0
     assert ours(1.0) == 0 and ours(0.5) == pytest.approx((1 - 0.5) / (1 - 0.03))
+    with pytest.raises(ValueError, match="schedule must be one of cosine, cosine0, constant, wsd, linear"):
+        tasks.schedule_fn("linar", steps)  # a misspelt kind was a cosine
 
 
 def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tmp_path, capsys):
@@ -301,9 +303,10 @@ def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_wr
         (["10", "1e-3,x", "0", "rl"], "LRS"),
         (["10", "1e-3", "0,x", "rl"], "SEEDS"),
         (["10", "1e-3", "0", "rl,bogus"], "POLICIES"),
+        (["10", "1e-3", "0", "rl", "cosin"], "SCHEDULE"),
     ]:
         out = tmp_path / name
-        cmd = [sys.executable, script, "mlp_adam", *args, str(out)]
+        cmd = [sys.executable, script, "mlp_adam", *args[:4], str(out), *args[4:]]
         r = subprocess.run(cmd, check=False, capture_output=True, text=True)
         lines = r.stderr.strip().splitlines()
         assert r.returncode != 0 and len(lines) == 1, r.stderr

@@ -32,6 +32,7 @@ from controller import POLICIES  # (controller.py is in ROOT)
 
 TASKS = ("mlp_adam", "mlp_sgd", "lstm", "reg_adam", "reg_sgd", "reg_ovf", "tfm", "cnn", "linreg", "relu_reg", "ae")
 TASKS += ("spiral", "mf")  # held out from every constant (2026-12-05)
+SCHEDULES = ("cosine", "cosine0", "constant", "wsd", "linear")  # schedule_fn's kinds; cosine is the default
 
 
 def snippet():
@@ -312,6 +313,8 @@ def schedule_fn(kind, steps):
         return lambda frac: (steps * frac + 1) / (w + 1) if steps * frac < w else max(0.0, (1 - frac) / (1 - 0.03))
     if kind == "cosine0":  # a cosine without warmup (torch's CosineAnnealingLR alone)
         return lambda frac: 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+    if kind != "cosine":
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
     return lambda frac: (
         min(1.0, (steps * frac + 1) / (steps * 0.03 + 1)) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
     )
@@ -354,7 +357,7 @@ def save(out, task, lr, policy, seed, steps, schedule="cosine"):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if len(sys.argv) not in (7, 8):
-        sys.exit("usage: plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|cosine0|constant|wsd|linear]")
+        sys.exit(f"usage: plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [{'|'.join(SCHEDULES)}]")
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
     schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
 
@@ -375,8 +378,8 @@ if __name__ == "__main__":
     policies = policies.split(",")
     if not set(policies) <= set(POLICIES):
         sys.exit(f"plain_tasks.py: error: POLICIES must be among {', '.join(POLICIES)}, got {','.join(policies)!r}")
-    if schedule not in ("cosine", "cosine0", "constant", "wsd", "linear"):
-        sys.exit(f"plain_tasks.py: error: SCHEDULE must be cosine, cosine0, constant, wsd or linear, got {schedule!r}")
+    if schedule not in SCHEDULES:
+        sys.exit(f"plain_tasks.py: error: SCHEDULE must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     os.makedirs(out, exist_ok=True)
     for lr in lrs:
         for s in seeds:
