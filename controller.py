@@ -233,8 +233,11 @@ BEST_MARGIN = 1e-4  # a new best must beat the old one by this (nats)
 #      steps the trial a decade lower won the cooled comparison 0.16 to 0.38 and went on to end 7-10x above `off`); more
 #      than SPIKE above the initial loss (or not finite, or blown up: the safety net leaves faults in the wait to it, at
 #      any share of the run), the start was too high after all: back to the first's weights at the trial's lr (a
-#      plateau's own wobble at the best lr rose 12%: the start waits). The wait ends with the climb's share of the run
-#      (ONLINE_UNTIL);
+#      plateau's own wobble at the best lr rose 12%: the start waits). A finite rise below BLOWUP x the initial loss
+#      whose segment does not read too high (h <= LOW_H) is the loop's own, not the lr's: the wait goes on (a matrix
+#      factorisation at its best lr rose 30% in its wait, reading +0.004..+0.010, and fell to `off`'s loss; the 28
+#      other rises of the plain-loop grid, two regression networks and a spiral classifier at or above their best lr,
+#      read +0.018 or more, or blew up). The wait ends with the climb's share of the run (ONLINE_UNTIL);
 #   2. a too-low lr does no damage and an up trial from the initial weights is judged with the short-horizon bias
 #      (a 10x too-high lr wins a 20-step comparison on some tasks): up only from the live weights, while h < -LOW_H,
 #      after a history's first reading by FIRST_UP_GAIN * |h| decades, at most FIRST_UP_MAX (that reading says "too
@@ -679,6 +682,8 @@ class RL(Off):
         # in a wait: the loss more than SPIKE above the initial one or not finite (a blow-up too), checked before the
         # cooldown's verdict: a wait guards its own faults
         rose = self.waiting is not None and not obs.eval_loss <= ctl.init_loss * (1 + SPIKE)
+        if rose and obs.eval_loss <= BLOWUP * ctl.init_loss and obs.hypergradient is not None:
+            rose = obs.hypergradient > LOW_H  # a finite rise that the reading does not call too high: the loop's own
         if cool and not rose:  # (a wait that a long segment carried past the climb's share into the cooldown ends too)
             self.waiting = None
             return cool

@@ -699,6 +699,27 @@ def test_a_comparison_on_a_plateau_waits_at_the_start():
     assert decisions[3].action == f"pick_x{down:.3g}" and decisions[3].load == "trial"
 
 
+def test_a_rise_in_a_wait_that_does_not_read_too_high_waits_on():
+    """In a wait, a loss more than SPIKE above the initial one, finite and below a blow-up (BLOWUP x the initial one),
+    whose segment does not read too high (h <= LOW_H): the loop's own rise, not the start's lr (a matrix factorisation
+    at its best lr rose 30% in its wait and fell to `off`'s loss; every too-high start of the plain-loop grid read
+    h >= 0.018 at its rise): the wait goes on at the start's lr and, once the loss falls below the band, the search
+    opens again. The same rise read too high, a blow-up whatever it reads, and a rise with no reading go back to the
+    first's weights at the trial's lr."""
+    init, down = 6.0, 10**-ctl.TRIAL_DOWN  # run() passes 6.0 to start()
+    plateau = [(init * 0.98, 0.02), (init, None), (init * 0.99, 0.01), (init * 0.97, None)]  # the trial wins, noise
+    risen, rise = init * (1 + ctl.SPIKE) * 1.1, f"plateau_rise_x{down:.3g}"
+    for h in (0.005, ctl.LOW_H, -0.03):
+        c = rl()
+        decisions, *_ = run(c, [*plateau, (risen, h), (init * 0.85, 0.0)])
+        assert decisions[4].action == "wait" and not decisions[4].load and c.lr_scale == 1.0, h
+        assert decisions[5].action == "search_again" and "first" in decisions[5].drop
+    for loss, h in ((risen, ctl.LOW_H * 1.5), (risen, None), (init * ctl.BLOWUP * 1.1, 0.0), (math.inf, 0.0)):
+        c = rl()
+        decisions, *_ = run(c, [*plateau, (loss, h), (init * 0.9, 0.0)])
+        assert decisions[4].action == rise and decisions[4].load == "first" and c.lr_scale == pytest.approx(down)
+
+
 def test_a_wait_carried_into_the_final_cooldown_frees_its_slot():
     """A short history under a flat schedule: the segment after a plateau's verdict ends past the climb's share of
     the run and inside the final cooldown; the cooldown frees slot "first" and the wait ends."""
