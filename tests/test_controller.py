@@ -702,8 +702,8 @@ def test_a_comparison_on_a_plateau_waits_at_the_start():
 def test_a_rise_in_a_wait_that_does_not_read_too_high_waits_on():
     """In a wait, a loss more than SPIKE above the initial one, finite and below a blow-up (BLOWUP x the initial one),
     whose segment does not read too high (h <= LOW_H): the loop's own rise, not the start's lr (a matrix factorisation
-    at its best lr rose 30% in its wait and fell to `off`'s loss; every too-high start of the plain-loop grid read
-    h >= 0.018 at its rise): the wait goes on at the start's lr and, once the loss falls below the band, the search
+    at its best lr rose 30% in its wait and fell to `off`'s loss; every other rise in the plain-loop grid read
+    h >= 0.018 or had blown up): the wait goes on at the start's lr and, once the loss falls below the band, the search
     opens again. The same rise read too high, a blow-up whatever it reads, and a rise with no reading go back to the
     first's weights at the trial's lr."""
     init, down = 6.0, 10**-ctl.TRIAL_DOWN  # run() passes 6.0 to start()

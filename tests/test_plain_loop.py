@@ -291,8 +291,9 @@ def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tm
 
 
 def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_writing(tmp_path):
-    """docs/experiments/plain_tasks.py's command line: a STEPS, LRS, SEEDS or POLICIES it cannot run is a one-line error
-    that names the argument, before OUT_DIR is made (it was a traceback); plain_grid.py's --policies too."""
+    """docs/experiments/plain_tasks.py's command line: a STEPS, LRS, SEEDS, POLICIES or SCHEDULE it cannot run is a
+    one-line error that names the argument, before OUT_DIR is made (it was a traceback); plain_grid.py's --policies
+    too."""
     import subprocess
     import sys
 
