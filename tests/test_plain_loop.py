@@ -259,7 +259,7 @@ def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tm
     spec = importlib.util.spec_from_file_location("plain_grid", os.path.join(ROOT, "docs/experiments/plain_grid.py"))
     grid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(grid)
-    assert sum(len(lrs) for *_, lrs in grid.JOBS) == 262 and {t for t, *_ in grid.JOBS} == set(grid.plain_tasks.TASKS)
+    assert sum(len(lrs) for *_, lrs in grid.JOBS) == 334 and {t for t, *_ in grid.JOBS} == set(grid.plain_tasks.TASKS)
 
     grid.one((str(tmp_path / "real"), "linreg", 20, "cosine", "rl", 0.1, 0))  # one real run of the README's loop
     (cell,) = grid.load(str(tmp_path / "real")).items()

@@ -1,5 +1,5 @@
 """The plain-loop check of a controller change, as one grid: the 13 loops of `plain_tasks.py`, their lr lists, 3 seeds,
-at 500 steps (cosine and constant), 1000 and 2000 steps (cosine), `rl` and `off`; then the target counts, and the
+at 500 and 1000 steps (cosine and constant) and 2000 steps (cosine), `rl` and `off`; then the target counts, and the
 run-by-run comparison of two grids (the kept controller's and a candidate's).
 
     python docs/experiments/plain_grid.py run OUT [--policies rl,off] [--lanes 2] [--tasks cnn,mf]
@@ -8,8 +8,8 @@ run-by-run comparison of two grids (the kept controller's and a candidate's).
 
 `run` executes the README's snippet with the `controller.py` of the checkout this file is in (for a candidate, run it
 from a `git worktree` of the change), one thread per run, `--lanes` runs at a time, and skips runs already in OUT
-(OUT/STEPS_SCHEDULE/TASK_POLICY_LR_SEED.json, `plain_tasks.py`'s files). The full grid is 262 starts x 3 seeds:
-786 runs per policy, 12 minutes for both on 2 cores (2 lanes).
+(OUT/STEPS_SCHEDULE/TASK_POLICY_LR_SEED.json, `plain_tasks.py`'s files). The full grid is 334 starts x 3 seeds:
+1002 runs per policy, 15 minutes for both on 2 cores (2 lanes).
 
 `targets`, per job (loop, length, schedule): lr* = `off`'s best mean of the list, L* its mean; the good start fails
 when `rl`'s mean at lr* is above `off`'s by more than 0.5%; a bad start (every other lr of the list) is within 2% when
@@ -53,6 +53,7 @@ JOBS = (
     [(t, 500, "cosine", LRS[t]) for t in plain_tasks.TASKS]
     + [(t, 500, "constant", LRS[t]) for t in plain_tasks.TASKS if t not in SEQUENCE_LOOPS]
     + [(t, 1000, "cosine", LRS[t]) for t in plain_tasks.TASKS if t not in SEQUENCE_LOOPS]
+    + [(t, 1000, "constant", LRS[t]) for t in plain_tasks.TASKS if t not in SEQUENCE_LOOPS]
     + [(t, 2000, "cosine", (3e-4, 1e-3, 3e-3) if t == "reg_ovf" else LRS[t]) for t in LONG_LOOPS]
 )
 
