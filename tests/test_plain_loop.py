@@ -291,9 +291,9 @@ def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tm
 
 
 def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_writing(tmp_path):
-    """docs/experiments/plain_tasks.py's command line: a STEPS, LRS, SEEDS, POLICIES or SCHEDULE it cannot run is a
-    one-line error that names the argument, before OUT_DIR is made (it was a traceback); plain_grid.py's --policies
-    too."""
+    """docs/experiments/plain_tasks.py's command line: a STEPS, LRS, SEEDS, POLICIES, SCHEDULE or MAX_SCALE it cannot
+    run is a one-line error that names the argument, before OUT_DIR is made (it was a traceback); plain_grid.py's
+    --policies too."""
     import subprocess
     import sys
 
@@ -305,6 +305,7 @@ def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_wr
         (["10", "1e-3", "0,x", "rl"], "SEEDS"),
         (["10", "1e-3", "0", "rl,bogus"], "POLICIES"),
         (["10", "1e-3", "0", "rl", "cosin"], "SCHEDULE"),
+        (["10", "1e-3", "0", "rl", "cosine", "0.5"], "MAX_SCALE"),
     ]:
         out = tmp_path / name
         cmd = [sys.executable, script, "mlp_adam", *args[:4], str(out), *args[4:]]

@@ -8,13 +8,15 @@ added after the controller's constants were set, as a check on loops it was not 
 (`fresh()`); and two held out from every constant (2026-12-05): spiral, mf (`held_out()`). The data are fixed; the seed
 sets the initialisation.
 
-    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [cosine|cosine0|constant|wsd|linear]
+    python docs/experiments/plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [SCHEDULE [MAX_SCALE]]
     python docs/experiments/plain_tasks.py mlp_adam 1000 1e-3,1e-2 0,1,2 rl,off /tmp/plain
 
 The schedule: 3% warmup + cosine (default), cosine0 (the cosine without a warmup), a constant lr (no warmup, no
 decay), wsd (a constant lr, then a linear decay to 0 over the last 20%: the cooldown rl adds to a flat schedule, done
 by the loop), or linear (3% warmup, then a linear decay to 0: transformers' default scheduler). One JSON per run in
-OUT_DIR (final validation loss, tokens spent / budget); runs already there are skipped.
+OUT_DIR (final validation loss, tokens spent / budget); runs already there are skipped. MAX_SCALE (default 100, the
+snippet's) is the top of the snippet's `lr_bounds` as a multiple of the base lr (`base_lr * MAX_SCALE`): a user's cap
+on the climb; its runs go to an OUT_DIR of their own (the file names do not carry it).
 Not used by train.py or the tests.
 """
 
@@ -320,7 +322,7 @@ def schedule_fn(kind, steps):
     )
 
 
-def run(task, base_lr, policy, seed, steps, schedule="cosine"):
+def run(task, base_lr, policy, seed, steps, schedule="cosine", max_scale=100):
     model, opt, batch, evaluate, loss_fn, tps = make(task, seed)
     for g in opt.param_groups:  # the snippet scales each group's own lr: every group starts at base_lr
         g["lr"] = base_lr
@@ -336,17 +338,21 @@ def run(task, base_lr, policy, seed, steps, schedule="cosine"):
         "schedule": schedule_fn(schedule, steps),
     }
     code = snippet().replace('"rl"', f'"{policy}"')
+    if max_scale != 100:  # the snippet's upper lr bound, base_lr * 100, at another multiple
+        if "base_lr * 100)" not in code:
+            raise ValueError("the README's snippet no longer bounds the lr at base_lr * 100")
+        code = code.replace("base_lr * 100)", f"base_lr * {max_scale!r})")
     exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, as in tests/test_plain_loop.py
     return evaluate(), env["spent"] / steps
 
 
-def save(out, task, lr, policy, seed, steps, schedule="cosine"):
+def save(out, task, lr, policy, seed, steps, schedule="cosine", max_scale=100):
     """One run into OUT/TASK_POLICY_LR_SEED.json (written whole or not at all); None if it is there already, else
     (loss, tokens spent / budget)."""
     f = os.path.join(out, f"{task}_{policy}_{lr:g}_{seed}.json")
     if os.path.exists(f):
         return None
-    loss, cost = run(task, lr, policy, seed, steps, schedule)
+    loss, cost = run(task, lr, policy, seed, steps, schedule, max_scale)
     os.makedirs(out, exist_ok=True)
     with open(f + ".tmp", "w") as fh:  # (a killed run leaves no half-written result)
         json.dump({"task": task, "lr": lr, "policy": policy, "seed": seed, "loss": loss, "cost": cost}, fh)
@@ -356,10 +362,11 @@ def save(out, task, lr, policy, seed, steps, schedule="cosine"):
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if len(sys.argv) not in (7, 8):
-        sys.exit(f"usage: plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [{'|'.join(SCHEDULES)}]")
+    if len(sys.argv) not in (7, 8, 9):
+        sys.exit(f"usage: plain_tasks.py TASK STEPS LRS SEEDS POLICIES OUT_DIR [{'|'.join(SCHEDULES)} [MAX_SCALE]]")
     task, steps, lrs, seeds, policies, out = sys.argv[1:7]
     schedule = sys.argv[7] if len(sys.argv) > 7 else "cosine"
+    max_scale = sys.argv[8] if len(sys.argv) > 8 else "100"
 
     def numbers(name, text, kind, valid, what, one=False):
         try:
@@ -380,10 +387,13 @@ if __name__ == "__main__":
         sys.exit(f"plain_tasks.py: error: POLICIES must be among {', '.join(POLICIES)}, got {','.join(policies)!r}")
     if schedule not in SCHEDULES:
         sys.exit(f"plain_tasks.py: error: SCHEDULE must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    (max_scale,) = numbers(
+        "MAX_SCALE", max_scale, float, lambda v: math.isfinite(v) and v >= 1, "a number >= 1", one=True
+    )
     os.makedirs(out, exist_ok=True)
     for lr in lrs:
         for s in seeds:
             for pol in policies:
-                done = save(out, task, lr, pol, s, steps, schedule)
+                done = save(out, task, lr, pol, s, steps, schedule, max_scale)
                 if done:
                     print(task, pol, f"{lr:g}", s, round(done[0], 5), round(done[1], 3), flush=True)
