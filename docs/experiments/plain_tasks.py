@@ -338,10 +338,9 @@ def run(task, base_lr, policy, seed, steps, schedule="cosine", max_scale=100):
         "schedule": schedule_fn(schedule, steps),
     }
     code = snippet().replace('"rl"', f'"{policy}"')
-    if max_scale != 100:  # the snippet's upper lr bound, base_lr * 100, at another multiple
-        if "base_lr * 100)" not in code:
-            raise ValueError("the README's snippet no longer bounds the lr at base_lr * 100")
-        code = code.replace("base_lr * 100)", f"base_lr * {max_scale!r})")
+    if "base_lr * 100)" not in code:  # the snippet's upper lr bound, which max_scale sets
+        raise ValueError("the README's snippet no longer bounds the lr at base_lr * 100")
+    code = code.replace("base_lr * 100)", f"base_lr * {max_scale!r})")
     exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, as in tests/test_plain_loop.py
     return evaluate(), env["spent"] / steps
 
