@@ -402,7 +402,9 @@ class RL(Off):
 
     Search by trials (no gradient statistics): trials of one lr each from the initial weights, each ended by a
     cooldown and compared by the cooled loss; the direction of the next trial is drawn from preferences that
-    REINFORCE updates with the trial's outcome (+1 when it becomes the best, -1 otherwise).
+    REINFORCE updates with the trial's outcome (+1 when it becomes the best, -1 otherwise). While every trial has blown
+    up (a cooled loss over BLOWUP x the initial one, or not finite), the next one is a decade below the lowest, and
+    with no room for it the run restarts there from the initial weights, uncompared.
 
     Online: the climb goes on through the first ONLINE_UNTIL of the run; the safety net (Controller.step) undoes a
     move up that the next evaluation punishes. When the loop's schedule is flat at the end, the last FINAL_COOL of the
@@ -814,6 +816,8 @@ class RL(Off):
             trial["raw"] = loss
             self.segment = "cool"
             if len(self.trials) == 1 and not ctl.room(obs.tokens, ctl.trial_cost(), ctl.kept):
+                if self._blown(ctl, loss) and self._down(ctl, trial["scale"]) < trial["scale"]:
+                    return self._restart_down(ctl, trial["scale"])
                 ctl.best = loss
                 return self._commit(ctl)  # no budget for even one more trial: go on as started
             return Decision(
@@ -836,9 +840,15 @@ class RL(Off):
         losers = tuple(t["slot"] for t in self.trials if t is not best and t["slot"])
         for t in self.trials:
             t["slot"] = t["slot"] if t is best else ""
-        nxt = self._next_scale(ctl, best)
+        # every trial so far blew up: the next goes a decade below the lowest tried (none is a better one to go on from)
+        lowest = min(t["scale"] for t in self.trials)
+        down = self._down(ctl, lowest)
+        blown = self._blown(ctl, best["cooled"]) and down < lowest
+        nxt = (down, 0) if blown else self._next_scale(ctl, best)  # (scale, direction: 0 is down)
         extra = ctl.steps_tokens(ctl.trial_steps + ctl.cool_steps)
         if nxt is None or not ctl.room(obs.tokens, extra, ctl.slot_kept[best["slot"]]):
+            if blown:  # never go on from weights that blew up
+                return self._restart_down(ctl, lowest)
             ctl.lr_scale = best["scale"]
             ctl.best, ctl.since_best = best["raw"], 0  # the safety's reference: the weights training goes on from
             d = self._commit(ctl, load=best["slot"])
@@ -848,6 +858,20 @@ class RL(Off):
         ctl.lr_scale = scale
         self.trials.append({"scale": scale, "raw": None, "cooled": None, "slot": f"trial{len(self.trials)}"})
         return self._trial(ctl, scale, drop=losers)
+
+    @staticmethod
+    def _blown(ctl, loss):
+        """A trial's loss over BLOWUP x the initial one, or not finite: its lr is too high (training never goes on from
+        its weights)."""
+        return not loss < BLOWUP * (ctl.init_loss or math.inf)
+
+    def _restart_down(self, ctl, lowest):
+        """No room for another trial and every one blew up: a decade below the lowest tried, from the initial weights,
+        uncompared (as a short run's first segment that blew up in the search by the hypergradient)."""
+        self.phase, ctl.lr_scale, ctl.best = "online", self._down(ctl, lowest), math.inf
+        return Decision(
+            ctl.lr_scale, ctl.grad_accum, action="restart_down", load="init", drop=tuple(ctl.slot_kept), phase="search"
+        )
 
     def _next_scale(self, ctl, best):
         """The next trial: from the best trial, a step in decades of lr. A side with a worse trial at distance d is

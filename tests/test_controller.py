@@ -108,7 +108,7 @@ TPS = 100  # tokens per optimizer step
 INTERVAL = 10
 
 
-def rl(budget_steps=400, search_budget=0.1, lo=1e-6, hi=1.0, tokens_per_step=None):
+def rl(budget_steps=400, search_budget=0.1, lo=1e-6, hi=1.0, tokens_per_step=None, seed=0):
     return ctl.Controller(
         "rl",
         1e-3,
@@ -118,7 +118,7 @@ def rl(budget_steps=400, search_budget=0.1, lo=1e-6, hi=1.0, tokens_per_step=Non
         budget_tokens=budget_steps * TPS,
         interval=INTERVAL,
         search_budget=search_budget,
-        seed=0,
+        seed=seed,
         tokens_per_step=tokens_per_step,
         trial_steps=INTERVAL,  # the scripts below are written in segments of INTERVAL steps, the search's included
     )
@@ -779,6 +779,48 @@ def test_without_gradient_statistics_it_searches_by_cooled_trials():
             break
     assert d.action == "commit" and c.lr_scale == pytest.approx(10.0) and d.load.startswith("trial")
     assert spent - c.kept <= 0.3 * c.budget_tokens  # within the search budget
+
+
+def test_without_gradient_statistics_a_start_that_blew_up_tries_lower_and_never_goes_on_from_blown_up_weights():
+    """No hypergradient, a start whose cooled loss blew up (over BLOWUP x the initial one): the next trial is a decade
+    lower, never a coin flip's higher one; with no room for another trial after one more blow-up, the run restarts a
+    decade below the lowest tried from the initial weights, uncompared (it went on from weights at a loss of 1e18,
+    to the end; seed 0's coin flip tried 10x higher first: a linear regression 3x above its best lr, plain loop)."""
+    for seed in range(8):  # every coin flip of the direction preferences
+        c = rl(budget_steps=250, seed=seed)
+        d, spent, init = c.start(6.0), 0, 6.0
+        for loss in (1e15, 1e18):  # the start's segment and its cooldown
+            spent += (d.steps or INTERVAL) * TPS
+            d = c.step(ctl.Observation(tokens=spent, eval_loss=loss))
+        assert d.action == "trial_x0.1" and d.load == "init" and c.lr_scale == pytest.approx(0.1), seed
+        for loss in (3e3, math.inf):  # the lower trial blows up too (above BLOWUP x init), and no room is left
+            spent += (d.steps or INTERVAL) * TPS
+            d = c.step(ctl.Observation(tokens=spent, eval_loss=loss))
+        assert d.action == "restart_down" and d.load == "init" and c.lr_scale == pytest.approx(0.01), seed
+        assert set(d.drop) == {"init", "trial0", "trial1"} and c.policy.phase == "online"
+        spent += INTERVAL * TPS  # from the initial weights: the safety's best is theirs, not the blown-up trials'
+        d = c.step(ctl.Observation(tokens=spent, eval_loss=init * 0.9))
+        assert d.action == "keep" and c.lr_scale == pytest.approx(0.01) and c.best == pytest.approx(init * 0.9)
+    # a start that did not blow up (1.9x the initial loss) still tries either side: the coin flip stays
+    tried = set()
+    for seed in range(8):
+        c = rl(seed=seed)
+        d = c.start(6.0)
+        d = c.step(ctl.Observation(tokens=INTERVAL * TPS, eval_loss=11.4))
+        d = c.step(ctl.Observation(tokens=(INTERVAL + c.cool_steps) * TPS, eval_loss=11.4))
+        tried.add(d.action)
+    assert tried == {"trial_x0.1", "trial_x10"}
+
+
+def test_without_gradient_statistics_a_short_run_whose_start_blew_up_restarts_lower():
+    """No room for even one trial (60 steps at 10%): a start that blew up goes a decade lower from the initial weights,
+    uncompared, instead of going on from its weights; one that did not goes on as started."""
+    for loss, action, scale in ((1e15, "restart_down", 0.1), (5.9, "commit", 1.0)):
+        c = rl(budget_steps=60)
+        d = c.start(6.0)
+        d = c.step(ctl.Observation(tokens=(d.steps or INTERVAL) * TPS, eval_loss=loss))
+        assert d.action == action and c.lr_scale == pytest.approx(scale)
+        assert d.load == ("init" if action == "restart_down" else "") and not c.slot_kept
 
 
 def test_a_first_segment_whose_measured_steps_were_all_skipped_is_too_high_not_a_loop_without_readings():

@@ -251,8 +251,9 @@ def test_the_experiments_linear_schedule_is_transformers_linear_decay():
 
 def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tmp_path, capsys):
     """docs/experiments/plain_grid.py, the plain-loop check of a controller change: it runs a grid cell into the file
-    the comparison reads, counts a good start above `off` + 0.5% as failed and a bad start at <= 1.02 L* as within
-    2%, and compares two grids run by run (a candidate's grid of `rl` runs takes its `off` runs from the other)."""
+    the comparison reads (with the probe or without: hypergradient=None), counts a good start above `off` + 0.5% as
+    failed and a bad start at <= 1.02 L* as within 2%, and compares two grids run by run (a candidate's grid of `rl`
+    runs takes its `off` runs from the other)."""
     import importlib.util
     import json
 
@@ -264,6 +265,12 @@ def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tm
     grid.one((str(tmp_path / "real"), "linreg", 20, "cosine", "rl", 0.1, 0))  # one real run of the README's loop
     (cell,) = grid.load(str(tmp_path / "real")).items()
     assert cell[0] == ("linreg", 20, "cosine") and 0 < cell[1]["rl"][0.1][0] < 10
+    # --probe no: the snippet passes hypergradient=None; linreg from 3 (3x its best lr, cosine) blows up in its first
+    # segment, and the search by trials goes lower (it went on from the blown-up weights: inf)
+    for probe in (True, False):
+        grid.one((str(tmp_path / f"probe_{probe}"), "linreg", 500, "cosine", "rl", 3.0, 0), probe=probe)
+    ends = [grid.load(str(tmp_path / f"probe_{p}"))[("linreg", 500, "cosine")]["rl"][3.0][0] for p in (True, False)]
+    assert ends[1] < 0.1 and ends[0] != ends[1]
 
     def write(out, policy, lr, losses):
         for seed, loss in enumerate(losses):
@@ -293,7 +300,7 @@ def test_the_experiments_plain_grid_counts_the_targets_and_compares_two_grids(tm
 def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_writing(tmp_path):
     """docs/experiments/plain_tasks.py's command line: a STEPS, LRS, SEEDS, POLICIES, SCHEDULE or MAX_SCALE it cannot
     run is a one-line error that names the argument, before OUT_DIR is made (it was a traceback); plain_grid.py's
-    --policies too."""
+    --policies and --probe too."""
     import subprocess
     import sys
 
@@ -314,9 +321,13 @@ def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_wr
         assert r.returncode != 0 and len(lines) == 1, r.stderr
         assert lines[0].startswith(f"plain_tasks.py: error: {name} "), r.stderr
         assert not out.exists()
-    grid, out = os.path.join(ROOT, "docs/experiments/plain_grid.py"), tmp_path / "grid"  # and the grid's --policies
-    r = subprocess.run(
-        [sys.executable, grid, "run", str(out), "--policies", "rl,bogus"], check=False, capture_output=True, text=True
-    )
-    assert r.returncode != 0 and r.stderr.strip().startswith("plain_grid.py: error: --policies ") and not out.exists()
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    grid, out = (
+        os.path.join(ROOT, "docs/experiments/plain_grid.py"),
+        tmp_path / "grid",
+    )  # the grid's --policies, --probe
+    for flag, value in (("--policies", "rl,bogus"), ("--probe", "maybe")):
+        r = subprocess.run(
+            [sys.executable, grid, "run", str(out), flag, value], check=False, capture_output=True, text=True
+        )
+        assert r.returncode != 0 and r.stderr.strip().startswith(f"plain_grid.py: error: {flag} ") and not out.exists()
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr

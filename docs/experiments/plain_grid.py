@@ -2,14 +2,15 @@
 at 500 and 1000 steps (cosine and constant) and 2000 steps (cosine), `rl` and `off`; then the target counts, and the
 run-by-run comparison of two grids (the kept controller's and a candidate's).
 
-    python docs/experiments/plain_grid.py run OUT [--policies rl,off] [--lanes 2] [--tasks cnn,mf]
+    python docs/experiments/plain_grid.py run OUT [--policies rl,off] [--lanes 2] [--tasks cnn,mf] [--probe no]
     python docs/experiments/plain_grid.py targets OUT
     python docs/experiments/plain_grid.py compare BASE NEW        # either may hold rl runs only: off from the other
 
 `run` executes the README's snippet with the `controller.py` of the checkout this file is in (for a candidate, run it
 from a `git worktree` of the change), one thread per run, `--lanes` runs at a time, and skips runs already in OUT
 (OUT/STEPS_SCHEDULE/TASK_POLICY_LR_SEED.json, `plain_tasks.py`'s files). The full grid is 334 starts x 3 seeds:
-1002 runs per policy, 15 minutes for both on 2 cores (2 lanes).
+1002 runs per policy, 15 minutes for both on 2 cores (2 lanes). `--probe no`: the snippet passes hypergradient=None
+(the search by cooled trials alone, for loops that do not copy GradientProbe; use its own OUT).
 
 `targets`, per job (loop, length, schedule): lr* = `off`'s best mean of the list, L* its mean; the good start fails
 when `rl`'s mean at lr* is above `off`'s by more than 0.5%; a bad start (every other lr of the list) is within 2% when
@@ -17,6 +18,7 @@ when `rl`'s mean at lr* is above `off`'s by more than 0.5%; a bad start (every o
 Not used by train.py or the tests.
 """
 
+import functools
 import glob
 import json
 import math
@@ -58,9 +60,11 @@ JOBS = (
 )
 
 
-def one(args):
+def one(args, probe=True):
     out, task, steps, schedule, policy, lr, seed = args
-    done = plain_tasks.save(os.path.join(out, f"{steps}_{schedule}"), task, lr, policy, seed, steps, schedule)
+    done = plain_tasks.save(
+        os.path.join(out, f"{steps}_{schedule}"), task, lr, policy, seed, steps, schedule, probe=probe
+    )
     if done:
         print(steps, schedule, task, policy, f"{lr:g}", seed, round(done[0], 5), round(done[1], 3), flush=True)
 
@@ -151,9 +155,13 @@ if __name__ == "__main__":
     cmd, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
     if cmd == "run" and args:
         opts = dict(zip(args[1::2], args[2::2]))
-        unknown = set(opts) - {"--policies", "--lanes", "--tasks"}
+        unknown = set(opts) - {"--policies", "--lanes", "--tasks", "--probe"}
         if unknown or len(args) % 2 == 0:
-            sys.exit(f"plain_grid.py: error: run OUT takes --policies, --lanes, --tasks (got {' '.join(args[1:])})")
+            got = " ".join(args[1:])
+            sys.exit(f"plain_grid.py: error: run OUT takes --policies, --lanes, --tasks, --probe (got {got})")
+        probe = opts.get("--probe", "yes")
+        if probe not in ("yes", "no"):
+            sys.exit(f"plain_grid.py: error: --probe must be yes or no (no: hypergradient=None), got {probe!r}")
         tasks = opts.get("--tasks", ",".join(plain_tasks.TASKS)).split(",")
         bad = [t for t in tasks if t not in plain_tasks.TASKS]
         if bad:
@@ -174,11 +182,14 @@ if __name__ == "__main__":
             for pol in policies
         ]
         with multiprocessing.Pool(int(lanes), initializer=init_worker) as pool:
-            for _ in pool.imap_unordered(one, units):
+            for _ in pool.imap_unordered(functools.partial(one, probe=probe == "yes"), units):
                 pass
     elif cmd == "targets" and len(args) == 1:
         targets(load(args[0]))
     elif cmd == "compare" and len(args) == 2:
         compare(load(args[0]), load(args[1]))
     else:
-        sys.exit("usage: plain_grid.py run OUT [--policies P] [--lanes N] [--tasks T] | targets OUT | compare BASE NEW")
+        sys.exit(
+            "usage: plain_grid.py run OUT [--policies P] [--lanes N] [--tasks T] [--probe yes|no] | targets OUT | "
+            "compare BASE NEW"
+        )

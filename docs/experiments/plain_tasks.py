@@ -322,7 +322,12 @@ def schedule_fn(kind, steps):
     )
 
 
-def run(task, base_lr, policy, seed, steps, schedule="cosine", max_scale=100):
+READING = "h, _ = probe.read() if probe.active else (None, None)"  # the snippet's reading of the gradient statistics
+
+
+def run(task, base_lr, policy, seed, steps, schedule="cosine", max_scale=100, probe=True):
+    """One run of the README's snippet: (final eval loss, tokens spent / budget). probe=False: the snippet passes
+    hypergradient=None (the search by cooled trials alone, for loops that do not copy GradientProbe)."""
     model, opt, batch, evaluate, loss_fn, tps = make(task, seed)
     for g in opt.param_groups:  # the snippet scales each group's own lr: every group starts at base_lr
         g["lr"] = base_lr
@@ -341,17 +346,21 @@ def run(task, base_lr, policy, seed, steps, schedule="cosine", max_scale=100):
     if "base_lr * 100)" not in code:  # the snippet's upper lr bound, which max_scale sets
         raise ValueError("the README's snippet no longer bounds the lr at base_lr * 100")
     code = code.replace("base_lr * 100)", f"base_lr * {max_scale!r})")
+    if not probe:
+        if READING not in code:
+            raise ValueError("the README's snippet no longer reads the probe as plain_tasks.READING")
+        code = code.replace(READING, "h, _ = None, None")
     exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, as in tests/test_plain_loop.py
     return evaluate(), env["spent"] / steps
 
 
-def save(out, task, lr, policy, seed, steps, schedule="cosine", max_scale=100):
+def save(out, task, lr, policy, seed, steps, schedule="cosine", max_scale=100, probe=True):
     """One run into OUT/TASK_POLICY_LR_SEED.json (written whole or not at all); None if it is there already, else
     (loss, tokens spent / budget)."""
     f = os.path.join(out, f"{task}_{policy}_{lr:g}_{seed}.json")
     if os.path.exists(f):
         return None
-    loss, cost = run(task, lr, policy, seed, steps, schedule, max_scale)
+    loss, cost = run(task, lr, policy, seed, steps, schedule, max_scale, probe)
     os.makedirs(out, exist_ok=True)
     with open(f + ".tmp", "w") as fh:  # (a killed run leaves no half-written result)
         json.dump({"task": task, "lr": lr, "policy": policy, "seed": seed, "loss": loss, "cost": cost}, fh)
