@@ -339,6 +339,10 @@ class Off:
         """Whether this decision does without the eval loss (asked only when the loop passes a function for it)."""
         return False
 
+    def rescue_slot(self, ctl):
+        """The slot the safety net goes back to on a fault ("" if none held): the weights from before a move up."""
+        return "best" if "best" in ctl.slot_loss else ""
+
     def needs_init_loss(self, ctl):
         """Whether a decision may need the initial weights' eval loss (asked only when the loop passes a function)."""
         return False
@@ -431,6 +435,7 @@ class RL(Off):
         self.cool_m = None  # in the final cooldown: the multiplier's factor at the next segment's start
         self.waiting = None  # the trial's lr scale while the start goes on after a comparison on a plateau
         self.reopened = False  # the search opened again off a plateau: no trial
+        self.rescue = ""  # after a search by trials: the winner's slot, kept for the safety net for the rest of the run
 
     @property
     def guarded(self):  # the safety net applies to the online phase and to the climb; a plateau's wait has its own
@@ -851,13 +856,20 @@ class RL(Off):
                 return self._restart_down(ctl, lowest)
             ctl.lr_scale = best["scale"]
             ctl.best, ctl.since_best = best["raw"], 0  # the safety's reference: the weights training goes on from
-            d = self._commit(ctl, load=best["slot"])
+            self.rescue = best["slot"]  # (see rescue_slot)
+            d = self._commit(ctl, load=best["slot"], keep=(best["slot"],))
             d.drop = tuple(dict.fromkeys(d.drop + losers))
             return d
         scale, self.last_direction = nxt
         ctl.lr_scale = scale
         self.trials.append({"scale": scale, "raw": None, "cooled": None, "slot": f"trial{len(self.trials)}"})
         return self._trial(ctl, scale, drop=losers)
+
+    def rescue_slot(self, ctl):
+        """As Off's, or after a search by trials the winner's weights as committed: a 20-step comparison favours the
+        highest lr that survives it, which can diverge later (an autoencoder's weights went NaN three segments after
+        its commit; a linear regression's loss reached 3e11 in the next), and the net had nothing to go back to."""
+        return super().rescue_slot(ctl) or (self.rescue if self.rescue in ctl.slot_loss else "")
 
     @staticmethod
     def _blown(ctl, loss):
@@ -1007,7 +1019,8 @@ class Controller:
         blown-up loss); and so does a blow-up, a finite divergence whoever set the lr: an eval loss above BLOWUP x the
         best of the weights' history (since the last load) and above the first eval loss read, unless it fell since the
         safety net halved the lr with no slot to go back to (the weights recover at the halved lr: it holds); a finite
-        one that rose again right after such a halving multiplies it by BLOWUP_CUT (a decade) instead."""
+        one that rose again right after such a halving multiplies it by BLOWUP_CUT (a decade) instead. Each fault goes
+        back to the policy's rescue slot when one is held (rescue_slot: "best", or rl's committed trial weights)."""
         if self.pending is None:
             raise RuntimeError("Controller.step() before Controller.start(): call start() once before training")
         obs = obs if isinstance(obs, Observation) else Observation(**obs)  # a misspelt key raises
@@ -1082,7 +1095,7 @@ class Controller:
             self.lr_scale = self.clip(self.lr_scale * (BLOWUP_CUT if worse else SAFETY_LR_FACTOR))
             if spike:  # a move up punished harder than an undo: its lr goes back at least as far
                 self.lr_scale = self.policy.punished(self.lr_scale)
-            load = "best" if "best" in self.slot_loss else ""
+            load = self.policy.rescue_slot(self)
             # at most twice in a row: the slot is freed (a fault that persists, such as a bad batch, would otherwise
             # bring the same weights and batches back for ever); kept for a second rollback only when this one found
             # damaged weights (a non-finite or blown-up loss: at an lr on the edge of stability, the weights from

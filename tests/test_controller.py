@@ -781,6 +781,31 @@ def test_without_gradient_statistics_it_searches_by_cooled_trials():
     assert spent - c.kept <= 0.3 * c.budget_tokens  # within the search budget
 
 
+def test_without_gradient_statistics_the_committed_weights_stay_for_the_safety_net():
+    """After a search by trials the winner's weights (its slot) stay for the rest of the run: a fault later (here a
+    NaN loss three segments after the commit) goes back to them at half the lr, where the net, holding no slot, had
+    halved the lr of NaN weights for ever (an autoencoder from 0.03: trials committed at 100x, NaN three segments on;
+    a linear regression's loss reached 3e11 one segment after its commit)."""
+    c = rl(search_budget=0.3)
+
+    def cooled(scale):  # V-shaped in log10(lr scale), best at x10 (as the test above)
+        return 3.0 + abs(math.log10(scale) - 1.0)
+
+    d, spent = c.start(6.0), 0
+    while d.action != "commit":
+        spent += (d.steps or INTERVAL) * TPS
+        d = c.step(ctl.Observation(tokens=spent, eval_loss=cooled(d.lr_scale) + (0.0 if d.cool else 0.3)))
+    slot = d.load
+    assert slot.startswith("trial") and slot not in d.drop and set(c.slot_kept) == {slot}
+    for loss in (3.1, 3.0, math.nan):
+        spent += (d.steps or INTERVAL) * TPS
+        d = c.step(ctl.Observation(tokens=spent, eval_loss=loss, progress=c.kept / c.budget_tokens))
+    assert d.action == "rollback" and d.load == slot and c.lr_scale == pytest.approx(5.0)
+    spent += (d.steps or INTERVAL) * TPS
+    d = c.step(ctl.Observation(tokens=spent, eval_loss=3.2, progress=c.kept / c.budget_tokens))
+    assert d.action == "keep" and c.lr_scale == pytest.approx(5.0)
+
+
 def test_without_gradient_statistics_a_start_that_blew_up_tries_lower_and_never_goes_on_from_blown_up_weights():
     """No hypergradient, a start whose cooled loss blew up (over BLOWUP x the initial one): the next trial is a decade
     lower, never a coin flip's higher one; with no room for another trial after one more blow-up, the run restarts a
