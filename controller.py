@@ -880,10 +880,10 @@ class RL(Off):
     def _restart_down(self, ctl, lowest):
         """No room for another trial and every one blew up: a decade below the lowest tried, from the initial weights,
         uncompared (as a short run's first segment that blew up in the search by the hypergradient)."""
-        self.phase, ctl.lr_scale, ctl.best = "online", self._down(ctl, lowest), math.inf
-        return Decision(
-            ctl.lr_scale, ctl.grad_accum, action="restart_down", load="init", drop=tuple(ctl.slot_kept), phase="search"
-        )
+        self.phase = "online"
+        d = self._restart(ctl, self._down(ctl, lowest), "restart_down", tuple(ctl.slot_kept))
+        d.measure = False  # (nothing to measure: no gradient statistics)
+        return d
 
     def _next_scale(self, ctl, best):
         """The next trial: from the best trial, a step in decades of lr. A side with a worse trial at distance d is

@@ -321,10 +321,7 @@ def test_the_experiments_plain_tasks_refuses_bad_arguments_in_one_line_before_wr
         assert r.returncode != 0 and len(lines) == 1, r.stderr
         assert lines[0].startswith(f"plain_tasks.py: error: {name} "), r.stderr
         assert not out.exists()
-    grid, out = (
-        os.path.join(ROOT, "docs/experiments/plain_grid.py"),
-        tmp_path / "grid",
-    )  # the grid's --policies, --probe
+    grid, out = os.path.join(ROOT, "docs/experiments/plain_grid.py"), tmp_path / "grid"
     for flag, value in (("--policies", "rl,bogus"), ("--probe", "maybe")):
         r = subprocess.run(
             [sys.executable, grid, "run", str(out), flag, value], check=False, capture_output=True, text=True

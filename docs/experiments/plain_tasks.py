@@ -325,6 +325,13 @@ def schedule_fn(kind, steps):
 READING = "h, _ = probe.read() if probe.active else (None, None)"  # the snippet's reading of the gradient statistics
 
 
+def swap(code, old, new):
+    """The snippet's code with `old` replaced by `new`; a ValueError if the README's snippet no longer has `old`."""
+    if old not in code:
+        raise ValueError(f"the README's snippet no longer has {old!r}")
+    return code.replace(old, new)
+
+
 def run(task, base_lr, policy, seed, steps, schedule="cosine", max_scale=100, probe=True):
     """One run of the README's snippet: (final eval loss, tokens spent / budget). probe=False: the snippet passes
     hypergradient=None (the search by cooled trials alone, for loops that do not copy GradientProbe)."""
@@ -342,14 +349,10 @@ def run(task, base_lr, policy, seed, steps, schedule="cosine", max_scale=100, pr
         "loss_fn": loss_fn,
         "schedule": schedule_fn(schedule, steps),
     }
-    code = snippet().replace('"rl"', f'"{policy}"')
-    if "base_lr * 100)" not in code:  # the snippet's upper lr bound, which max_scale sets
-        raise ValueError("the README's snippet no longer bounds the lr at base_lr * 100")
-    code = code.replace("base_lr * 100)", f"base_lr * {max_scale!r})")
+    code = swap(snippet(), '"rl"', f'"{policy}"')
+    code = swap(code, "base_lr * 100)", f"base_lr * {max_scale!r})")  # the snippet's upper lr bound
     if not probe:
-        if READING not in code:
-            raise ValueError("the README's snippet no longer reads the probe as plain_tasks.READING")
-        code = code.replace(READING, "h, _ = None, None")
+        code = swap(code, READING, "h, _ = None, None")
     exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - the README's own code, as in tests/test_plain_loop.py
     return evaluate(), env["spent"] / steps
 
