@@ -781,6 +781,31 @@ def test_without_gradient_statistics_it_searches_by_cooled_trials():
     assert spent - c.kept <= 0.3 * c.budget_tokens  # within the search budget
 
 
+def test_without_gradient_statistics_a_lower_trial_that_wins_on_a_plateau_does_not_move_the_start():
+    """No hypergradient, every cooled loss within PLATEAU below and SPIKE above the initial one (a regression network
+    on its early plateau, where a 20-step comparison is noise): a lower trial that wins there does not take the lr
+    down; the start's weights and lr go on (a decade lower had won and ended 5-25x above `off` at the best lr). A
+    higher trial that wins there still moves the lr up (a start far too low is on its plateau as well), and a start
+    whose loss spiked before its cooldown is not on a plateau."""
+    init = 6.0
+    # the higher lrs' cooled loss (worse, or a win on the plateau), the start's loss before its cooldown (a spike above
+    # SPIKE x init: not a plateau, the lower trial's win counts)
+    for higher, start_raw, expect in ((7.0, 5.95, "start"), (5.7, 5.95, "up"), (7.0, 7.6, "down")):
+        for seed in range(4):  # either coin flip first
+            c = rl(search_budget=0.3, seed=seed)
+            d, spent = c.start(init), 0
+            while d.action != "commit":
+                spent += (d.steps or INTERVAL) * TPS
+                loss = 5.9 if d.lr_scale == 1 else 5.8 if d.lr_scale < 1 else higher
+                if not d.cool:
+                    loss = start_raw if d.lr_scale == 1 else loss + 0.05
+                d = c.step(ctl.Observation(tokens=spent, eval_loss=loss))
+            if expect == "start":
+                assert c.lr_scale == 1 and d.load == "trial0", seed
+            else:
+                assert (c.lr_scale > 1 if expect == "up" else c.lr_scale < 1) and d.load != "trial0", seed
+
+
 def test_without_gradient_statistics_the_committed_weights_stay_for_the_safety_net():
     """After a search by trials the winner's weights (its slot) stay for the rest of the run: a fault later (here a
     NaN loss three segments after the commit) goes back to them at half the lr, where the net, holding no slot, had
