@@ -412,7 +412,10 @@ class RL(Off):
     and the start are both on the plateau (their losses before and after the cooldown between 1 - PLATEAU and
     1 + SPIKE times the initial one, as the hypergradient search's comparison on a plateau) does not move the lr: the
     start goes on (at the best lr of two regression networks and a matrix factorisation a decade lower won so, by
-    2-4%, and ended 2-22x above `off`).
+    2-4%, and ended 2-22x above `off`). Off the plateau, a higher trial that wins only after its cooldown (its loss
+    before the cooldown not below the lower one's) does not beat the lower one: the cooldown is where the short
+    horizon's bias towards high lrs shows (a CNN and an overfitting regression network at their best lr: 10x won that
+    way, and the runs ended at 1.5-1.9x `off`'s loss).
 
     Online: the climb goes on through the first ONLINE_UNTIL of the run; the safety net (Controller.step) undoes a
     move up that the next evaluation punishes. When the loop's schedule is flat at the end, the last FINAL_COOL of the
@@ -839,6 +842,12 @@ class RL(Off):
         self.segment = "trial"
         best = min(self.trials, key=lambda t: (t["cooled"], t["scale"]))
         start = self.trials[0]
+        # off the plateau, a higher lr that wins only after its cooldown (its loss before it not below that of a lower
+        # one whose slot is held) does not beat that one: the short horizon's bias towards high lrs, which the cooldown
+        # brings out (on the plateau the losses before the cooldowns tell nothing: the cooled ones decide)
+        beaten = [t for t in self.trials if t["scale"] < best["scale"] and t["slot"] and not best["raw"] < t["raw"]]
+        if beaten and not self._on_plateau(ctl, start, ("cooled",)):
+            best = min(beaten, key=lambda t: (t["cooled"], t["scale"]))
         lower = best["scale"] < start["scale"]
         if lower and start["slot"] and self._on_plateau(ctl, best) and self._on_plateau(ctl, start):
             best = start  # a lower lr's win on a plateau is noise: the start's lr stays

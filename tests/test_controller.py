@@ -806,6 +806,37 @@ def test_without_gradient_statistics_a_lower_trial_that_wins_on_a_plateau_does_n
                 assert (c.lr_scale > 1 if expect == "up" else c.lr_scale < 1) and d.load != "trial0", seed
 
 
+def test_without_gradient_statistics_a_higher_trial_that_wins_only_after_its_cooldown_does_not_beat_the_start():
+    """No hypergradient, a start that made progress (its cooled loss below the plateau band): a higher trial whose
+    loss before its cooldown is not below the start's wins only by its cooldown, the short horizon's bias towards high
+    lrs, and does not replace the start; one that wins before its cooldown too does. On the plateau the raw comparison
+    tells nothing and the cooled one decides (a start far too low)."""
+    init = 6.0
+    # (start raw, start cooled, higher raw, higher cooled, expected)
+    for s_raw, s_cool, h_raw, h_cool, expect in (
+        (3.0, 2.8, 3.2, 2.6, "start"),
+        (3.0, 2.8, 2.9, 2.6, "up"),
+        (5.95, 5.9, 6.1, 5.7, "up"),
+    ):
+        for seed in range(4):  # either coin flip first
+            c = rl(search_budget=0.3, seed=seed)
+            d, spent = c.start(init), 0
+            while d.action != "commit":
+                spent += (d.steps or INTERVAL) * TPS
+                s = d.lr_scale
+                if s == 1:
+                    loss = s_cool if d.cool else s_raw
+                elif s > 1:
+                    loss = h_cool if d.cool else h_raw
+                else:
+                    loss = 7.0 if d.cool else 7.2  # lower lrs lose
+                d = c.step(ctl.Observation(tokens=spent, eval_loss=loss))
+            if expect == "start":
+                assert c.lr_scale == 1 and d.load == "trial0", seed
+            else:
+                assert c.lr_scale > 1 and d.load != "trial0", seed
+
+
 def test_without_gradient_statistics_the_committed_weights_stay_for_the_safety_net():
     """After a search by trials the winner's weights (its slot) stay for the rest of the run: a fault later (here a
     NaN loss three segments after the commit) goes back to them at half the lr, where the net, holding no slot, had
