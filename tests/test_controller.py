@@ -784,7 +784,7 @@ def test_without_gradient_statistics_it_searches_by_cooled_trials():
 def test_without_gradient_statistics_a_lower_trial_that_wins_on_a_plateau_does_not_move_the_start():
     """No hypergradient, every cooled loss within PLATEAU below and SPIKE above the initial one (a regression network
     on its early plateau, where a 20-step comparison is noise): a lower trial that wins there does not take the lr
-    down; the start's weights and lr go on (a decade lower had won and ended 5-25x above `off` at the best lr). A
+    down; the start's weights and lr go on (a decade lower had won and ended 2-22x `off`'s loss at the best lr). A
     higher trial that wins there still moves the lr up (a start far too low is on its plateau as well), and a start
     whose loss spiked before its cooldown is not on a plateau."""
     init = 6.0
