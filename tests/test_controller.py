@@ -763,20 +763,28 @@ def test_no_budget_no_trial():
     assert not any(d.load for d in decisions) and spent == kept
 
 
+def v_cooled(scale):
+    """A cooled loss V-shaped in log10(lr scale), best at x10 (the trial search's scripted task)."""
+    return 3.0 + abs(math.log10(scale) - 1.0)
+
+
+def search_by_trials(c, init, loss):
+    """Runs the search by trials (no hypergradient) to its commit, at most 30 decisions; loss(d): the eval loss
+    observed at the end of decision d's segment. Returns (the last decision, tokens spent)."""
+    d, spent = c.start(init), 0
+    for _ in range(30):
+        spent += (d.steps or INTERVAL) * TPS
+        d = c.step(ctl.Observation(tokens=spent, eval_loss=loss(d)))
+        if d.action == "commit":
+            break
+    return d, spent
+
+
 def test_without_gradient_statistics_it_searches_by_cooled_trials():
     """No hypergradient: trials from the initial weights, each followed by a cooldown; the best cooled trial
     wins and its weights (before its cooldown) are kept."""
     c = rl(search_budget=0.3)
-
-    def cooled(scale):  # V-shaped in log10(lr scale), best at x10
-        return 3.0 + abs(math.log10(scale) - 1.0)
-
-    d, spent = c.start(6.0), 0
-    for _ in range(30):
-        spent += (d.steps or INTERVAL) * TPS
-        d = c.step(ctl.Observation(tokens=spent, eval_loss=cooled(d.lr_scale) + (0.0 if d.cool else 0.3)))
-        if d.action == "commit":
-            break
+    d, spent = search_by_trials(c, 6.0, lambda d: v_cooled(d.lr_scale) + (0.0 if d.cool else 0.3))
     assert d.action == "commit" and c.lr_scale == pytest.approx(10.0) and d.load.startswith("trial")
     assert spent - c.kept <= 0.3 * c.budget_tokens  # within the search budget
 
@@ -793,13 +801,13 @@ def test_without_gradient_statistics_a_lower_trial_that_wins_on_a_plateau_does_n
     for higher, start_raw, expect in ((7.0, 5.95, "start"), (5.7, 5.95, "up"), (7.0, 7.6, "down")):
         for seed in range(4):  # either coin flip first
             c = rl(search_budget=0.3, seed=seed)
-            d, spent = c.start(init), 0
-            while d.action != "commit":
-                spent += (d.steps or INTERVAL) * TPS
-                loss = 5.9 if d.lr_scale == 1 else 5.8 if d.lr_scale < 1 else higher
-                if not d.cool:
-                    loss = start_raw if d.lr_scale == 1 else loss + 0.05
-                d = c.step(ctl.Observation(tokens=spent, eval_loss=loss))
+
+            def loss(d, higher=higher, start_raw=start_raw):  # (this iteration's values)
+                cooled = 5.9 if d.lr_scale == 1 else 5.8 if d.lr_scale < 1 else higher
+                return cooled if d.cool else start_raw if d.lr_scale == 1 else cooled + 0.05
+
+            d, _ = search_by_trials(c, init, loss)
+            assert d.action == "commit", seed
             if expect == "start":
                 assert c.lr_scale == 1 and d.load == "trial0", seed
             else:
@@ -820,17 +828,16 @@ def test_without_gradient_statistics_a_higher_trial_that_wins_only_after_its_coo
     ):
         for seed in range(4):  # either coin flip first
             c = rl(search_budget=0.3, seed=seed)
-            d, spent = c.start(init), 0
-            while d.action != "commit":
-                spent += (d.steps or INTERVAL) * TPS
-                s = d.lr_scale
-                if s == 1:
-                    loss = s_cool if d.cool else s_raw
-                elif s > 1:
-                    loss = h_cool if d.cool else h_raw
-                else:
-                    loss = 7.0 if d.cool else 7.2  # lower lrs lose
-                d = c.step(ctl.Observation(tokens=spent, eval_loss=loss))
+
+            def loss(d, s_raw=s_raw, s_cool=s_cool, h_raw=h_raw, h_cool=h_cool):  # (this iteration's values)
+                if d.lr_scale == 1:
+                    return s_cool if d.cool else s_raw
+                if d.lr_scale > 1:
+                    return h_cool if d.cool else h_raw
+                return 7.0 if d.cool else 7.2  # lower lrs lose
+
+            d, _ = search_by_trials(c, init, loss)
+            assert d.action == "commit", seed
             if expect == "start":
                 assert c.lr_scale == 1 and d.load == "trial0", seed
             else:
@@ -843,14 +850,8 @@ def test_without_gradient_statistics_the_committed_weights_stay_for_the_safety_n
     halved the lr of NaN weights for ever (an autoencoder from 0.03: trials committed at 100x, NaN three segments on;
     a linear regression's loss reached 3e11 one segment after its commit)."""
     c = rl(search_budget=0.3)
-
-    def cooled(scale):  # V-shaped in log10(lr scale), best at x10 (as the test above)
-        return 3.0 + abs(math.log10(scale) - 1.0)
-
-    d, spent = c.start(6.0), 0
-    while d.action != "commit":
-        spent += (d.steps or INTERVAL) * TPS
-        d = c.step(ctl.Observation(tokens=spent, eval_loss=cooled(d.lr_scale) + (0.0 if d.cool else 0.3)))
+    d, spent = search_by_trials(c, 6.0, lambda d: v_cooled(d.lr_scale) + (0.0 if d.cool else 0.3))
+    assert d.action == "commit"
     slot = d.load
     assert slot.startswith("trial") and slot not in d.drop and set(c.slot_kept) == {slot}
     for loss in (3.1, 3.0, math.nan):
